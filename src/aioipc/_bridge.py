@@ -1,0 +1,721 @@
+"""The bridge between blocking multiprocessing calls and coroutines.
+
+A :class:`Reader` owns one daemon thread per channel end per process. The thread blocks on the
+channel for the coroutines parked in its FIFO, drains what is already there without blocking (up to
+a count and a byte limit) and hands the batch over with a single thread-safe wake-up of each event
+loop that has waiters. Items nobody is waiting for yet stay in a bounded per-process buffer
+(``prefetch``); a coroutine that finds an item there takes it without any thread hop.
+
+A :class:`Writer` does the same for the rare operations that must wait to *send*: a ``put`` into a
+full bounded queue, a ``send`` into a full pipe. Waits in aioipc never use anyio's shared thread
+limiter or the loop's default executor: a wait that may last forever must not starve the rest of the
+application.
+
+Cancellation is exact. Items are assigned to a waiter only on its own event loop's thread, in the
+same step that wakes it; a waiter cancelled after that point gives its items back to the front of the
+buffer, ahead of newer items, for the next waiter of this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+from ._exceptions import ClosedResourceError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: A waiting coroutine yields to its loop after this many items taken without waiting, or after
+#: CHECKPOINT_SECONDS, so that a fast consumer never starves the loop's other tasks.
+CHECKPOINT_ITEMS = 256
+CHECKPOINT_SECONDS = 0.002
+
+
+# --------------------------------------------------------------------------------------------
+# Event loops: how to park a coroutine and how to wake it from any thread
+# --------------------------------------------------------------------------------------------
+
+
+class _Waiter:
+    """One parked coroutine. ``items``/``error`` are set on its loop's thread, right before waking."""
+
+    __slots__ = ("dead", "error", "items", "loop", "token", "want")
+
+    def __init__(self, loop: LoopHandle, want: int) -> None:
+        self.loop = loop
+        self.want = want
+        self.items: list[Any] | None = None
+        self.error: BaseException | None = None
+        self.dead = False
+        self.token: Any = None
+
+
+class LoopHandle:
+    """One running event loop, as seen from the bridge."""
+
+    __slots__ = ("__weakref__", "delivery_pending")
+
+    def __init__(self) -> None:
+        self.delivery_pending = False
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        raise NotImplementedError
+
+    async def park(self, waiter: _Waiter, abort: Callable[[_Waiter], None]) -> None:
+        raise NotImplementedError
+
+    def wake(self, waiter: _Waiter) -> None:
+        raise NotImplementedError
+
+    async def checkpoint(self) -> None:
+        raise NotImplementedError
+
+
+class _AsyncioLoop(LoopHandle):
+    __slots__ = ("_loop",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback)
+        except RuntimeError:  # the loop is closed: nobody is left to wake
+            pass
+
+    async def park(self, waiter: _Waiter, abort: Callable[[_Waiter], None]) -> None:
+        future = self._loop.create_future()
+        waiter.token = future
+        await future
+
+    def wake(self, waiter: _Waiter) -> None:
+        future: asyncio.Future[None] = waiter.token
+        if not future.done():
+            future.set_result(None)
+
+    async def checkpoint(self) -> None:
+        await asyncio.sleep(0)
+
+
+class _TrioLoop(LoopHandle):
+    __slots__ = ("_token",)
+
+    def __init__(self, token: Any) -> None:
+        super().__init__()
+        self._token = token
+
+    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
+        import trio
+
+        try:
+            self._token.run_sync_soon(callback)
+        except trio.RunFinishedError:
+            pass
+
+    async def park(self, waiter: _Waiter, abort: Callable[[_Waiter], None]) -> None:
+        import trio
+
+        waiter.token = trio.lowlevel.current_task()
+
+        def abort_fn(raise_cancel: Any) -> trio.lowlevel.Abort:
+            abort(waiter)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort_fn)
+
+    def wake(self, waiter: _Waiter) -> None:
+        import trio
+
+        trio.lowlevel.reschedule(waiter.token)
+
+    async def checkpoint(self) -> None:
+        import trio
+
+        await trio.lowlevel.checkpoint()
+
+
+_asyncio_loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncioLoop] = (
+    weakref.WeakKeyDictionary()
+)
+_trio_loop_var: Any = None
+
+
+def current_loop() -> LoopHandle:
+    """The handle of the running event loop (asyncio, uvloop or trio)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        handle = _asyncio_loops.get(loop)
+        if handle is None:
+            handle = _asyncio_loops[loop] = _AsyncioLoop(loop)
+        return handle
+    if "trio" in sys.modules:
+        import trio
+
+        global _trio_loop_var
+        if _trio_loop_var is None:
+            _trio_loop_var = trio.lowlevel.RunVar("aioipc_loop")
+        try:
+            return _trio_loop_var.get()  # type: ignore[no-any-return]
+        except LookupError:
+            pass
+        except RuntimeError:  # not inside trio.run()
+            pass
+        else:  # pragma: no cover
+            raise AssertionError("unreachable")
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            handle = _TrioLoop(token)
+            _trio_loop_var.set(handle)
+            return handle
+    raise RuntimeError("aioipc needs a running asyncio, uvloop or trio event loop")
+
+
+class Checkpointer:
+    """Counts work done without waiting and yields to the loop now and then."""
+
+    __slots__ = ("_count", "_since")
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._since = time.monotonic()
+
+    async def tick(self) -> None:
+        self._count += 1
+        if self._count >= 32:
+            now = time.monotonic()
+            if self._count >= CHECKPOINT_ITEMS or now - self._since >= CHECKPOINT_SECONDS:
+                await current_loop().checkpoint()
+                self._since = time.monotonic()
+                self._count = 0
+
+    def reset(self) -> None:
+        self._count = 0
+        self._since = time.monotonic()
+
+
+# --------------------------------------------------------------------------------------------
+# Fork safety: every live hub forgets its threads in a forked child
+# --------------------------------------------------------------------------------------------
+
+_live_hubs: weakref.WeakSet[_Hub] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for hub in list(_live_hubs):
+        hub._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _WaiterQueue:
+    """Waiters of one event loop, FIFO. Abandoned waiters are skipped lazily."""
+
+    __slots__ = ("dead", "live", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: deque[_Waiter] = deque()
+        self.live = 0
+        self.dead = 0
+
+    def append(self, waiter: _Waiter) -> None:
+        self.waiters.append(waiter)
+        self.live += 1
+
+    def popleft(self) -> _Waiter | None:
+        waiters = self.waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if waiter.dead:
+                self.dead -= 1
+            else:
+                self.live -= 1
+                return waiter
+        return None
+
+    def peek_want(self) -> int:
+        """How many items the first live waiter wants (0 if there is none)."""
+        waiters = self.waiters
+        while waiters and waiters[0].dead:
+            waiters.popleft()
+            self.dead -= 1
+        return waiters[0].want if waiters else 0
+
+    def discard(self, waiter: _Waiter) -> None:
+        waiter.dead = True
+        self.live -= 1
+        self.dead += 1
+        if self.dead > 64 and self.dead > self.live:
+            self.waiters = deque(w for w in self.waiters if not w.dead)
+            self.dead = 0
+
+
+class _Hub:
+    """State shared by readers and writers: a lock, per-loop waiter FIFOs, a thread, fork safety."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._reset()
+        _live_hubs.add(self)
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._loops: dict[LoopHandle, _WaiterQueue] = {}
+        self._n_waiting = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def _after_fork(self) -> None:
+        # Waiters and threads belong to the parent; a forked child starts afresh.
+        self._reset()
+
+    # -- waiters (called on loop threads, with the lock held) --
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        queue = self._loops.get(waiter.loop)
+        if queue is None:
+            queue = self._loops[waiter.loop] = _WaiterQueue()
+        queue.append(waiter)
+        self._n_waiting += 1
+
+    def _discard(self, waiter: _Waiter) -> None:
+        if not waiter.dead:
+            self._loops[waiter.loop].discard(waiter)
+            self._n_waiting -= 1
+
+    def _request_delivery(self, loops: list[LoopHandle]) -> None:
+        """Wake each loop once (called without the lock, from any thread)."""
+        for loop in loops:
+            loop.call_soon_threadsafe(lambda loop=loop: self._deliver(loop))  # type: ignore[misc]
+
+    def _loops_to_wake(self) -> list[LoopHandle]:
+        """Loops with live waiters and no delivery pending yet (lock held)."""
+        loops = []
+        for loop, queue in self._loops.items():
+            if queue.live and not loop.delivery_pending:
+                loop.delivery_pending = True
+                loops.append(loop)
+        return loops
+
+    def _deliver(self, loop: LoopHandle) -> None:
+        raise NotImplementedError
+
+    def _start_thread(self, target: Callable[[], None], kind: str) -> None:
+        thread = threading.Thread(target=target, name=f"aioipc-{kind}-{self._name}", daemon=True)
+        self._thread = thread
+        thread.start()
+
+    def statistics(self) -> dict[str, int]:
+        return {"waiting": self._n_waiting, "threads": int(self._thread is not None)}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+class Source(Protocol[T]):
+    """A blocking channel end as the reader thread sees it."""
+
+    def read(self, max_items: int, max_bytes: int, wake_fd: int) -> tuple[list[T], BaseException | None]:
+        """Wait for at least one item, then add those already available within the limits.
+
+        Return early (possibly with no items) when ``wake_fd`` becomes readable. The second element
+        is the exception that ends the channel for this process after the items (``ShutDown``,
+        ``EOFError``...), or None.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release what the source holds in this process (called once the reader stops)."""
+        ...
+
+
+class Reader(_Hub, Generic[T]):
+    """Hands items from a :class:`Source` to coroutines, through one reader thread."""
+
+    def __init__(
+        self,
+        source: Source[T],
+        *,
+        name: str,
+        prefetch: int,
+        max_batch: int = 256,
+        max_batch_bytes: int = 256 * 1024,
+    ) -> None:
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, not {prefetch}")
+        self._source = source
+        self._prefetch = prefetch
+        self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
+        super().__init__(name)
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.buffer: deque[T] = deque()
+        self._end: BaseException | None = None
+        self._wake_r, self._wake_w = -1, -1
+
+    def _after_fork(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        super()._after_fork()
+
+    # -- the coroutine side --
+
+    def take_nowait(self) -> T:
+        """An item already in this process, or raise ``IndexError`` (or the end of the channel)."""
+        if self._n_waiting == 0:
+            try:
+                return self.buffer.popleft()
+            except IndexError:
+                pass
+        if self._closed or (self._end is not None and not self.buffer):
+            raise self._ending()
+        self._ensure_thread()
+        raise IndexError
+
+    async def take(self, want: int = 1) -> list[T]:
+        """Wait for 1 to ``want`` items."""
+        loop = current_loop()
+        with self._lock:
+            if self._closed:
+                raise ClosedResourceError
+            buffer = self.buffer
+            if buffer and self._n_waiting == 0:
+                n = min(want, len(buffer))
+                return [buffer.popleft() for _ in range(n)]
+            if self._end is not None and not buffer:
+                raise self._ending()
+            waiter = _Waiter(loop, want)
+            self._enqueue(waiter)
+            if self._thread is None:
+                self._start_reader()
+            else:
+                self._wakeup.notify()
+        try:
+            await loop.park(waiter, self._abandon)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.items is not None
+        return waiter.items
+
+    def _ending(self) -> BaseException:
+        """A fresh copy of the exception that ends this reader (one instance per raise)."""
+        if self._closed:
+            return ClosedResourceError()
+        assert self._end is not None
+        return copy.copy(self._end)
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """The waiter is gone (cancelled, timed out): its items go back, ahead of newer ones."""
+        with self._lock:
+            if waiter.items:
+                self.buffer.extendleft(reversed(waiter.items))
+                waiter.items = None
+                loops = self._loops_to_wake()
+            else:
+                self._discard(waiter)
+                return
+        self._request_delivery(loops)
+
+    def _deliver(self, loop: LoopHandle) -> None:
+        """On ``loop``'s thread: give buffered items (or the end) to its waiters, FIFO."""
+        with self._lock:
+            loop.delivery_pending = False
+            queue = self._loops.get(loop)
+            if queue is None:
+                return
+            buffer = self.buffer
+            ended = self._closed or self._end is not None
+            woken = []
+            while queue.live and (buffer or ended):
+                waiter = queue.popleft()
+                assert waiter is not None
+                self._n_waiting -= 1
+                if buffer:
+                    n = min(waiter.want, len(buffer))
+                    waiter.items = [buffer.popleft() for _ in range(n)]
+                else:
+                    waiter.error = self._ending()
+                woken.append(waiter)
+            if woken and self._prefetch:
+                self._wakeup.notify()
+        for waiter in woken:
+            loop.wake(waiter)
+
+    # -- the thread side --
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None and not self._closed:
+            with self._lock:
+                if self._thread is None and not self._closed:
+                    self._start_reader()
+
+    def _start_reader(self) -> None:
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._start_thread(self._run, "reader")
+
+    def _demand(self) -> int:
+        """How many more items this process wants now (lock held)."""
+        wanted = 0
+        for queue in self._loops.values():
+            if queue.live:
+                wanted += max(queue.peek_want(), 1) + queue.live - 1
+        return max(wanted, self._prefetch) - len(self.buffer)
+
+    def _run(self) -> None:
+        source, wake_r = self._source, self._wake_r
+        while True:
+            with self._lock:
+                while not self._closed and self._end is None and self._demand() <= 0:
+                    self._wakeup.wait()
+                if self._closed or self._end is not None:
+                    return
+                want = min(max(self._demand(), 1), self._max_batch)
+            try:
+                items, end = source.read(want, self._max_batch_bytes, wake_r)
+            except BaseException as exc:  # the channel broke: report it to the waiters
+                items, end = [], exc
+            if not items and end is None:
+                _drain(wake_r)
+                continue
+            with self._lock:
+                if self._closed:  # closed while we read: the items go back where they came from
+                    self._giveback(items)
+                    return
+                self.buffer.extend(items)
+                if end is not None:
+                    self._end = end
+                loops = self._loops_to_wake()
+            self._request_delivery(loops)
+
+    def _giveback(self, items: list[T]) -> None:
+        giveback = getattr(self._source, "giveback", None)
+        if giveback is not None and items:
+            giveback(items)
+
+    def end(self, exc: BaseException, *, discard: bool = False) -> None:
+        """End the channel for this process: waiters get the buffered items (none if ``discard``),
+        then ``exc``. Used by shutdown and supervision."""
+        with self._lock:
+            if self._closed:
+                return
+            if self._end is None:
+                self._end = exc
+            if discard:
+                self.buffer.clear()
+            loops = self._loops_to_wake()
+            self._wakeup.notify_all()
+            thread = self._thread
+        if thread is not None:
+            os.write(self._wake_w, b"x")
+        self._request_delivery(loops)
+
+    # -- closing --
+
+    def close(self) -> list[T]:
+        """Stop the thread, wake every waiter with ClosedResourceError; return the buffered items."""
+        with self._lock:
+            if self._closed:
+                return []
+            self._closed = True
+            items = list(self.buffer)
+            self.buffer.clear()
+            loops = self._loops_to_wake()
+            self._wakeup.notify_all()
+            thread = self._thread
+        if thread is not None:
+            os.write(self._wake_w, b"x")
+        self._request_delivery(loops)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(1.0)
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
+        return items
+
+    def statistics(self) -> dict[str, int]:
+        stats = super().statistics()
+        stats["buffered"] = len(self.buffer)
+        return stats
+
+
+def _drain(fd: int) -> None:
+    try:
+        os.read(fd, 4096)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Writing (sends that must wait)
+# --------------------------------------------------------------------------------------------
+
+
+class Job(Generic[R]):
+    """One pending blocking call for a :class:`Writer`'s thread.
+
+    ``fn`` runs in the thread and receives the job; it must call :meth:`commit` right before the
+    point of no return (an item is handed over) and give up when :meth:`commit` returns False.
+    ``fn`` waits in slices and checks :attr:`abandoned` between them.
+    """
+
+    __slots__ = ("_hub", "committed", "fn", "waiter")
+
+    def __init__(self, hub: Writer, waiter: _Waiter, fn: Callable[[Job[R]], R]) -> None:
+        self._hub = hub
+        self.waiter = waiter
+        self.fn = fn
+        self.committed = False
+
+    @property
+    def abandoned(self) -> bool:
+        return self.waiter.dead or self._hub._closed
+
+    def commit(self) -> bool:
+        with self._hub._lock:
+            if self.waiter.dead or self._hub._closed:
+                return False
+            self.committed = True
+            return True
+
+
+class Writer(_Hub):
+    """Runs blocking sends for coroutines, one at a time and in FIFO order, in one thread."""
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._jobs: deque[Job[Any]] = deque()
+        self._done: deque[tuple[_Waiter, Any, BaseException | None]] = deque()
+
+    @property
+    def busy(self) -> bool:
+        """True while sends are pending: a new send must queue behind them to keep FIFO order."""
+        return bool(self._jobs)
+
+    async def run(self, fn: Callable[[Job[R]], R]) -> R:
+        """Run ``fn`` in the writer thread, after the sends queued before it.
+
+        If cancelled before ``fn`` committed, nothing was sent; after that, the send completes and
+        the cancellation is still raised.
+        """
+        loop = current_loop()
+        with self._lock:
+            if self._closed:
+                raise ClosedResourceError
+            waiter = _Waiter(loop, 1)
+            job: Job[R] = Job(self, waiter, fn)
+            self._enqueue(waiter)
+            self._jobs.append(job)
+            if self._thread is None:
+                self._start_thread(self._run, "writer")
+            else:
+                self._wakeup.notify()
+        try:
+            await loop.park(waiter, self._abandon)
+        except BaseException:
+            self._abandon(waiter)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.items is not None
+        return waiter.items[0]  # type: ignore[no-any-return]
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        with self._lock:
+            self._discard(waiter)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._jobs:
+                    self._wakeup.wait()
+                if self._closed:
+                    return
+                job = self._jobs[0]
+            result: Any = None
+            error: BaseException | None = None
+            if not job.abandoned:
+                try:
+                    result = job.fn(job)
+                except BaseException as exc:
+                    error = exc
+            with self._lock:
+                self._jobs.popleft()
+                if not job.waiter.dead:
+                    self._done.append((job.waiter, result, error))
+                    loops = self._loops_to_wake()
+                else:
+                    loops = []
+            self._request_delivery(loops)
+
+    def _deliver(self, loop: LoopHandle) -> None:
+        with self._lock:
+            loop.delivery_pending = False
+            woken = []
+            for _ in range(len(self._done)):
+                waiter, result, error = self._done.popleft()
+                if waiter.loop is not loop:
+                    self._done.append((waiter, result, error))
+                    continue
+                if waiter.dead:
+                    continue
+                self._discard_delivered(waiter)
+                waiter.items = [result]
+                waiter.error = error
+                woken.append(waiter)
+            if self._closed:
+                queue = self._loops.get(loop)
+                while queue is not None and queue.live:
+                    waiter2 = queue.popleft()
+                    assert waiter2 is not None
+                    self._n_waiting -= 1
+                    waiter2.error = ClosedResourceError()
+                    woken.append(waiter2)
+        for waiter in woken:
+            loop.wake(waiter)
+
+    def _discard_delivered(self, waiter: _Waiter) -> None:
+        # A delivered waiter leaves the FIFO like an abandoned one, without being marked dead.
+        queue = self._loops[waiter.loop]
+        queue.live -= 1
+        queue.dead += 1
+        self._n_waiting -= 1
+        waiter.dead = True
+
+    def close(self) -> None:
+        """Stop the thread after the send in progress; wake the others with ClosedResourceError."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._jobs.clear()
+            loops = self._loops_to_wake()
+            self._wakeup.notify_all()
+        self._request_delivery(loops)

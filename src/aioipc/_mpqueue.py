@@ -1,0 +1,601 @@
+"""The cross-process queue behind ``aioipc.Queue``: a pipe of framed pickles, shared by processes.
+
+It is built from the same parts as :class:`multiprocessing.Queue` (a pipe, a read lock, a write lock,
+a semaphore for ``maxsize``, a feeder thread per process) plus a small shared state block that gives
+what the standard queue lacks: ``qsize()`` on every platform, ``shutdown()`` seen by every process,
+and the unfinished-task count of a joinable queue. Items are pickled by the caller of ``put`` (so an
+unpicklable item raises there, not later in the feeder thread).
+
+The frames on the pipe are those of :class:`multiprocessing.connection.Connection`: a 4-byte
+big-endian length (or -1 and an 8-byte length), then the pickle.
+
+:class:`SyncQueue` is the blocking face for synchronous code in any process; the async face in
+``_queue.py`` reads the same pipe through the bridge's reader thread (:meth:`SyncQueue.read`).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import os
+import select
+import struct
+import sys
+import termios
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from multiprocessing import context, util
+from multiprocessing.connection import Connection, Pipe
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Generic, TypeVar
+
+from ._exceptions import Empty, Full, ShutDown
+
+T = TypeVar("T")
+
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+#: How long a blocked call sleeps at most before it looks at the shared shutdown flag again.
+POLL_SLICE = 0.05
+
+# Shared state block: indices into a RawArray of signed 64-bit integers.
+_COUNT, _SHUTDOWN, _UNFINISHED = 0, 1, 2
+_OPEN, _SHUT_GRACEFUL, _SHUT_IMMEDIATE = 0, 1, 2
+
+
+class _ShutdownMarker:
+    """Sent down the pipe by ``shutdown()``, after every item put before it.
+
+    A reader that takes it puts it back, so every process sees it; it wakes every waiter at once.
+    """
+
+    def __reduce__(self) -> str:
+        return "SHUTDOWN_MARKER"
+
+    def __repr__(self) -> str:
+        return "<aioipc shutdown marker>"
+
+
+SHUTDOWN_MARKER = _ShutdownMarker()
+_MARK = bytes(ForkingPickler.dumps(SHUTDOWN_MARKER))
+
+
+class UnpicklingFailed:
+    """Stands in the item stream for an item that could not be unpickled in this process; the get
+    that receives it raises the error (the queue goes on)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def dumps(obj: object) -> memoryview:
+    """Pickle ``obj`` for another process, or raise TypeError naming its type."""
+    try:
+        return ForkingPickler.dumps(obj)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise TypeError(
+            f"cannot send a {type(obj).__module__}.{type(obj).__qualname__} object to another "
+            f"process: it cannot be pickled ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def loads(frame: bytes | memoryview) -> Any:
+    try:
+        return ForkingPickler.loads(frame)
+    except Exception as exc:
+        return UnpicklingFailed(exc)
+
+
+def frame(data: bytes | memoryview) -> list[bytes | memoryview]:
+    n = len(data)
+    if n > 0x7FFFFFFF:
+        return [_HEADER.pack(-1), _LONG_HEADER.pack(n), data]
+    return [_HEADER.pack(n), data]
+
+
+def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write whole frames to a blocking fd, joining small ones into few ``write`` calls."""
+    pending: list[bytes | memoryview] = []
+    size = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        size += len(chunk)
+        if size >= 65536:
+            _write(fd, b"".join(pending))
+            pending.clear()
+            size = 0
+    if pending:
+        _write(fd, b"".join(pending))
+
+
+def _write(fd: int, buf: bytes) -> None:
+    view = memoryview(buf)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def available(fd: int) -> int:
+    """Bytes waiting in a pipe or socket (FIONREAD)."""
+    buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(buf, sys.byteorder, signed=True)
+
+
+def read_exact(fd: int, n: int) -> bytes:
+    """Read exactly ``n`` bytes from a blocking fd (EOFError on a clean end before any byte)."""
+    chunks = []
+    remaining = n
+    while remaining > 0:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            if remaining == n:
+                raise EOFError
+            raise OSError("got end of file during message")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def read_frame(fd: int) -> bytes:
+    """One whole frame, blocking until it has arrived."""
+    (size,) = _HEADER.unpack(read_exact(fd, 4))
+    if size == -1:
+        (size,) = _LONG_HEADER.unpack(read_exact(fd, 8))
+    return read_exact(fd, size)
+
+
+def read_frames(fd: int, max_bytes: int) -> list[bytes | memoryview]:
+    """The frames already in the pipe (at least one byte must be there), reading at most about
+    ``max_bytes``; a frame that has only partly arrived is completed (blocking), never split."""
+    chunk = os.read(fd, max(min(available(fd), max_bytes), 4))
+    if not chunk:
+        raise EOFError
+    view = memoryview(chunk)
+    frames: list[bytes | memoryview] = []
+    pos, end = 0, len(chunk)
+    while pos < end:
+        if end - pos < 4:
+            rest = read_exact(fd, 4 - (end - pos))
+            (size,) = _HEADER.unpack(bytes(view[pos:]) + rest)
+            pos = end
+        else:
+            (size,) = _HEADER.unpack_from(view, pos)
+            pos += 4
+        if size == -1:
+            have = bytes(view[pos : pos + 8])
+            pos = min(pos + 8, end)
+            (size,) = _LONG_HEADER.unpack(have + read_exact(fd, 8 - len(have)) if len(have) < 8 else have)
+        if end - pos >= size:
+            frames.append(view[pos : pos + size])
+            pos += size
+        else:
+            have_body = view[pos:end]
+            frames.append(bytes(have_body) + read_exact(fd, size - len(have_body)))
+            pos = end
+    return frames
+
+
+class _Feeder:
+    """This process's writer thread: takes pickled items from ``put`` and writes them to the pipe
+    under the shared write lock, so that ``put`` never waits for room in the pipe."""
+
+    def __init__(self, queue: SyncQueue[Any]) -> None:
+        self._fd = queue._writer.fileno()
+        self._wlock = queue._wlock
+        self._cond = threading.Condition(threading.Lock())
+        self._buffer: collections.deque[memoryview | bytes] = collections.deque()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="aioipc-queue-feeder", daemon=True)
+        self._thread.start()
+        # Flush what this process put before it exits (multiprocessing's own queues do the same).
+        self._finalizer = util.Finalize(self, _Feeder._flush, (weakref.ref(self),), exitpriority=-5)
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def put(self, data: memoryview | bytes) -> None:
+        with self._cond:
+            self._buffer.append(data)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        cond, buffer = self._cond, self._buffer
+        while True:
+            with cond:
+                while not buffer and not self._closing:
+                    cond.wait()
+                batch = list(buffer)
+                buffer.clear()
+                if not batch:
+                    cond.notify_all()
+                    return
+            try:
+                with self._wlock:
+                    write_all(self._fd, (part for data in batch for part in frame(data)))
+            except OSError as exc:  # every reader is gone: nothing can be delivered any more
+                if exc.errno not in (errno.EPIPE, errno.EBADF):
+                    raise
+                with cond:
+                    buffer.clear()
+                    self._closing = True
+
+    @staticmethod
+    def _flush(ref: weakref.ref[_Feeder]) -> None:
+        feeder = ref()
+        if feeder is not None:
+            feeder.close(timeout=None)
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Write what is buffered, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+
+_live_queues: weakref.WeakSet[SyncQueue[Any]] = weakref.WeakSet()
+
+
+def _reset_queues_after_fork() -> None:
+    for queue in list(_live_queues):
+        queue._reset_local()
+
+
+os.register_at_fork(after_in_child=_reset_queues_after_fork)
+
+
+class SyncQueue(Generic[T]):
+    """The blocking face of an aioipc queue, for synchronous code in any process.
+
+    It has the methods of :class:`multiprocessing.Queue` (and, when joinable, of
+    :class:`multiprocessing.JoinableQueue`), and honours :meth:`shutdown` like the async face:
+    ``put`` raises :class:`aioipc.ShutDown` and ``get`` returns what is still queued, then raises it.
+    Pass it (or the async queue that owns it) to child processes as an argument.
+    """
+
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, joinable: bool = False) -> None:
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool):
+            raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
+        if ctx is None:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context()
+        self._maxsize = maxsize if maxsize > 0 else 0
+        self._reader, self._writer = Pipe(duplex=False)
+        self._rlock = ctx.Lock()
+        self._wlock = ctx.Lock()
+        self._slock = ctx.Lock()
+        self._sem = ctx.BoundedSemaphore(maxsize) if maxsize > 0 else None
+        self._state = ctx.RawArray("q", 3)
+        self._cond = ctx.Condition(self._slock) if joinable else None
+        self._joinable = joinable
+        self._reset_local()
+
+    def _reset_local(self) -> None:
+        self._feeder: _Feeder | None = None
+        self._closed = False
+        self._poller: Any = None
+        self._poller_fd = -1
+        _live_queues.add(self)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        context.assert_spawning(self)
+        return (
+            self._maxsize, self._reader, self._writer, self._rlock, self._wlock, self._slock,
+            self._sem, self._state, self._cond, self._joinable,
+        )  # fmt: skip
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        (
+            self._maxsize, self._reader, self._writer, self._rlock, self._wlock, self._slock,
+            self._sem, self._state, self._cond, self._joinable,
+        ) = state  # fmt: skip
+        self._reset_local()
+
+    def __repr__(self) -> str:
+        return f"<aioipc.SyncQueue maxsize={self._maxsize} at {id(self):#x}>"
+
+    @property
+    def maxsize(self) -> int:
+        """The capacity given at creation; 0 means unbounded."""
+        return self._maxsize
+
+    # -- putting --
+
+    def put(self, obj: T, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj`` into the queue, waiting for room if the queue is bounded and full.
+
+        Raises :class:`aioipc.Full` if there is no room within ``timeout`` (or at once when
+        ``block`` is false), :class:`aioipc.ShutDown` if the queue was shut down, ``TypeError`` if
+        ``obj`` cannot be pickled, ``ValueError`` if this process closed the queue.
+        """
+        self._check_open()
+        data = dumps(obj)
+        if self._sem is not None and not self._acquire_room(block, timeout):
+            raise Full
+        self.feed(data)
+
+    def put_nowait(self, obj: T) -> None:
+        """Put ``obj`` without waiting; raise :class:`aioipc.Full` if a bounded queue is full."""
+        self.put(obj, block=False)
+
+    def _acquire_room(self, block: bool, timeout: float | None) -> bool:
+        assert self._sem is not None
+        if self._sem.acquire(False):
+            return True
+        if not block:
+            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check_shutdown()
+            wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
+            if wait <= 0:
+                return False
+            if self._sem.acquire(True, wait):
+                return True
+
+    def try_room(self) -> bool:
+        """Take a slot of a bounded queue without waiting (always True when unbounded)."""
+        return self._sem is None or self._sem.acquire(False)
+
+    def release_room(self) -> None:
+        if self._sem is not None:
+            self._sem.release()
+
+    def feed(self, data: memoryview | bytes) -> None:
+        """Count a pickled item (whose slot is taken) as queued and hand it to the feeder."""
+        with self._slock:
+            if self._state[_SHUTDOWN]:
+                if self._sem is not None:
+                    self._sem.release()
+                raise ShutDown
+            self._state[_COUNT] += 1
+            if self._joinable:
+                self._state[_UNFINISHED] += 1
+        self._feed_raw(data)
+
+    def _feed_raw(self, data: memoryview | bytes) -> None:
+        feeder = self._feeder
+        if feeder is None:
+            feeder = self._feeder = _Feeder(self)
+        feeder.put(data)
+
+    # -- getting --
+
+    def get(self, block: bool = True, timeout: float | None = None) -> T:
+        """Remove and return an item, waiting for one if needed.
+
+        Raises :class:`aioipc.Empty` if none arrives within ``timeout`` (or at once when ``block``
+        is false), :class:`aioipc.ShutDown` once the queue is shut down and drained,
+        ``ValueError`` if this process closed the queue.
+        """
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        fd = self._reader.fileno()
+        while True:
+            if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
+                raise ShutDown
+            wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
+            if not block:
+                wait = 0
+            if self._rlock.acquire(block, max(wait, 0)):
+                try:
+                    if self._poll_readable(fd, max(wait, 0)):
+                        data = read_frame(fd)
+                        break
+                finally:
+                    self._rlock.release()
+            if self._state[_SHUTDOWN]:
+                raise ShutDown
+            if not block or (deadline is not None and time.monotonic() >= deadline):
+                raise Empty
+        items, end = self._decode([data])
+        if end is not None:
+            raise end
+        item = items[0]
+        if isinstance(item, UnpicklingFailed):
+            raise item.error
+        return item  # type: ignore[no-any-return]
+
+    def get_nowait(self) -> T:
+        """Remove and return an item if one is there; else raise :class:`aioipc.Empty`."""
+        return self.get(block=False)
+
+    def _poll_readable(self, fd: int, timeout: float) -> bool:
+        if self._poller_fd != fd:
+            self._poller = select.poll()
+            self._poller.register(fd, select.POLLIN)
+            self._poller_fd = fd
+        return bool(self._poller.poll(timeout * 1000))
+
+    def read(self, max_items: int, max_bytes: int, wake_fd: int) -> tuple[list[T], BaseException | None]:
+        """For the bridge's reader thread: wait for items (without holding the read lock), then
+        take those already there. Returns early when ``wake_fd`` is readable."""
+        fd = self._reader.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(wake_fd, select.POLLIN)
+        state = self._state
+        while True:
+            if state[_SHUTDOWN] == _SHUT_IMMEDIATE:
+                return [], ShutDown()
+            events = poller.poll(POLL_SLICE * 1000)
+            if any(event_fd == wake_fd for event_fd, _ in events):
+                return [], None
+            if not events:
+                if state[_SHUTDOWN]:
+                    return [], ShutDown()
+                continue
+            if not self._rlock.acquire(True, POLL_SLICE):
+                continue
+            try:
+                if not available(fd):
+                    continue  # another process took it
+                if max_items == 1:
+                    frames: list[bytes | memoryview] = [read_frame(fd)]
+                else:
+                    frames = read_frames(fd, max_bytes)
+            finally:
+                self._rlock.release()
+            return self._decode(frames)
+
+    def _decode(self, frames: list[bytes | memoryview]) -> tuple[list[T], BaseException | None]:
+        """Unpickle frames just read; account for them; recognise the shutdown marker."""
+        end: BaseException | None = None
+        items = []
+        mark_len = len(_MARK)
+        for data in frames:
+            if len(data) == mark_len and data == _MARK:
+                end = ShutDown()
+                self._feed_raw(_MARK)  # for the next process
+            else:
+                items.append(loads(data))
+        if items:
+            with self._slock:
+                self._state[_COUNT] -= len(items)
+            if self._sem is not None:
+                for _ in items:
+                    self._sem.release()
+        if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
+            return [], ShutDown()
+        return items, end
+
+    def giveback(self, items: list[T]) -> None:
+        """Put items taken by this process back into the queue (at its end)."""
+        for item in items:
+            with self._slock:
+                self._state[_COUNT] += 1
+            self._feed_raw(dumps(item))
+
+    # -- size --
+
+    def qsize(self) -> int:
+        """The number of items put and not yet taken by any process (approximate while others
+        put and get). Works on every platform, macOS included."""
+        return max(self._state[_COUNT], 0)
+
+    def empty(self) -> bool:
+        """True if :meth:`qsize` is 0."""
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        """True if the queue is bounded and :meth:`qsize` reached ``maxsize``."""
+        return bool(self._maxsize) and self.qsize() >= self._maxsize
+
+    # -- shutdown --
+
+    @property
+    def is_shutdown(self) -> bool:
+        """True once :meth:`shutdown` was called in any process."""
+        return bool(self._state[_SHUTDOWN])
+
+    def shutdown(self, immediate: bool = False) -> None:
+        """Shut the queue down for every process.
+
+        Afterwards ``put`` raises :class:`aioipc.ShutDown` everywhere and ``get`` returns the items
+        still queued, then raises it. With ``immediate=True`` the queued items are discarded and
+        every waiter wakes at once. Calling it again is harmless (and can upgrade to immediate).
+        """
+        with self._slock:
+            previous = self._state[_SHUTDOWN]
+            self._state[_SHUTDOWN] = _SHUT_IMMEDIATE if immediate else max(previous, _SHUT_GRACEFUL)
+            if self._cond is not None:
+                self._cond.notify_all()
+        if immediate:
+            self._discard_queued()
+        if not previous:
+            self._feed_raw(_MARK)
+
+    def _discard_queued(self) -> None:
+        fd = self._reader.fileno()
+        if not self._rlock.acquire(True, 1.0):
+            return
+        try:
+            while available(fd):
+                frames = read_frames(fd, 1 << 20)
+                real = sum(1 for f in frames if not (len(f) == len(_MARK) and f == _MARK))
+                with self._slock:
+                    self._state[_COUNT] -= real
+                    if self._joinable:
+                        self._state[_UNFINISHED] -= real
+                if self._sem is not None:
+                    for _ in range(real):
+                        self._sem.release()
+        finally:
+            self._rlock.release()
+        if self._cond is not None:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _check_shutdown(self) -> None:
+        if self._state[_SHUTDOWN]:
+            raise ShutDown
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{self!r} is closed")
+
+    # -- joinable --
+
+    def task_done(self) -> None:
+        """Tell the queue that an item taken earlier has been processed (joinable queues only)."""
+        if self._cond is None:
+            raise ValueError("task_done() needs a JoinableQueue")
+        with self._cond:
+            if self._state[_UNFINISHED] <= 0:
+                raise ValueError("task_done() called more times than there were items")
+            self._state[_UNFINISHED] -= 1
+            if self._state[_UNFINISHED] == 0:
+                self._cond.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until every item put has been taken and marked done, or the queue is shut down
+        and drained; return False if ``timeout`` passed first (joinable queues only)."""
+        if self._cond is None:
+            raise ValueError("join() needs a JoinableQueue")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not self._joined():
+                wait = POLL_SLICE if deadline is None else deadline - time.monotonic()
+                if wait <= 0:
+                    return False
+                self._cond.wait(min(wait, POLL_SLICE))
+        return True
+
+    def _joined(self) -> bool:
+        state = self._state
+        return state[_UNFINISHED] <= 0 or (bool(state[_SHUTDOWN]) and state[_COUNT] <= 0)
+
+    def unfinished_tasks(self) -> int:
+        return max(self._state[_UNFINISHED], 0)
+
+    # -- closing --
+
+    def close(self) -> None:
+        """Release this process's use of the queue: flush what it put, stop its feeder thread.
+
+        Like :meth:`multiprocessing.Queue.close`; other processes are not affected.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if self._feeder is not None:
+            self._feeder.close()
+            self._feeder = None
+        self._reader.close()
+        self._writer.close()
+
+    def join_thread(self) -> None:
+        """Kept for compatibility with :class:`multiprocessing.Queue`: :meth:`close` already
+        waits for the feeder thread."""
+
+    def cancel_join_thread(self) -> None:
+        """Kept for compatibility with :class:`multiprocessing.Queue`."""
+
+
+__all__ = ["SHUTDOWN_MARKER", "Connection", "SyncQueue", "UnpicklingFailed", "dumps", "loads"]
