@@ -27,6 +27,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from multiprocessing import util
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._exceptions import ClosedResourceError
@@ -221,8 +222,33 @@ def _after_fork_in_child() -> None:
         hub._after_fork()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _CleanSlate:
+    """Clears the event-loop state a child inherits when multiprocessing forks it from inside a
+    running loop, so the child can start its own (``asyncio.run``, ``trio.run``).
+
+    It runs in children that multiprocessing starts with the fork method, and only there (it is a
+    multiprocessing after-fork hook): such a child never returns into the parent's loop.
+    """
+
+    def __call__(self) -> None:
+        asyncio.events._set_running_loop(None)
+        trio_run = sys.modules.get("trio._core._run")
+        if trio_run is not None:
+            vars(trio_run.GLOBAL_RUN_CONTEXT).clear()
+        if threading.current_thread() is threading.main_thread():
+            import signal
+
+            try:
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
+
+
+_clean_slate = _CleanSlate()
+util.register_after_fork(_clean_slate, lambda hook: hook())
 
 
 class _WaiterQueue:
