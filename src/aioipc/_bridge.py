@@ -63,10 +63,7 @@ class _Waiter:
 class LoopHandle:
     """One running event loop, as seen from the bridge."""
 
-    __slots__ = ("__weakref__", "delivery_pending")
-
-    def __init__(self) -> None:
-        self.delivery_pending = False
+    __slots__ = ("__weakref__",)
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         raise NotImplementedError
@@ -85,7 +82,6 @@ class _AsyncioLoop(LoopHandle):
     __slots__ = ("_loop",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
         self._loop = loop
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
@@ -112,7 +108,6 @@ class _TrioLoop(LoopHandle):
     __slots__ = ("_token",)
 
     def __init__(self, token: Any) -> None:
-        super().__init__()
         self._token = token
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
@@ -252,14 +247,16 @@ util.register_after_fork(_clean_slate, lambda hook: hook())
 
 
 class _WaiterQueue:
-    """Waiters of one event loop, FIFO. Abandoned waiters are skipped lazily."""
+    """One hub's waiters on one event loop, FIFO. Abandoned waiters are skipped lazily."""
 
-    __slots__ = ("dead", "live", "waiters")
+    __slots__ = ("dead", "delivery_pending", "live", "waiters")
 
     def __init__(self) -> None:
         self.waiters: deque[_Waiter] = deque()
         self.live = 0
         self.dead = 0
+        #: A wake-up of the loop is scheduled and has not run yet (coalesces wake-ups).
+        self.delivery_pending = False
 
     def append(self, waiter: _Waiter) -> None:
         self.waiters.append(waiter)
@@ -336,8 +333,8 @@ class _Hub:
         """Loops with live waiters and no delivery pending yet (lock held)."""
         loops = []
         for loop, queue in self._loops.items():
-            if queue.live and not loop.delivery_pending:
-                loop.delivery_pending = True
+            if queue.live and not queue.delivery_pending:
+                queue.delivery_pending = True
                 loops.append(loop)
         return loops
 
@@ -350,7 +347,8 @@ class _Hub:
         thread.start()
 
     def statistics(self) -> dict[str, int]:
-        return {"waiting": self._n_waiting, "threads": int(self._thread is not None)}
+        thread = self._thread
+        return {"waiting": self._n_waiting, "threads": int(thread is not None and thread.is_alive())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +389,9 @@ class Reader(_Hub, Generic[T]):
             raise ValueError(f"prefetch must be >= 0, not {prefetch}")
         self._source = source
         self._prefetch = prefetch
+        #: The fast path wakes the reader thread when the buffer falls to this level, so that the
+        #: next batch is read while the coroutines still consume the current one.
+        self._refill_at = prefetch // 2 if prefetch > 1 else -1
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
         super().__init__(name)
@@ -412,10 +413,15 @@ class Reader(_Hub, Generic[T]):
     def take_nowait(self) -> T:
         """An item already in this process, or raise ``IndexError`` (or the end of the channel)."""
         if self._n_waiting == 0:
+            buffer = self.buffer
             try:
-                return self.buffer.popleft()
+                item = buffer.popleft()
             except IndexError:
                 pass
+            else:
+                if len(buffer) == self._refill_at:
+                    self._refill()
+                return item
         if self._closed or (self._end is not None and not self.buffer):
             raise self._ending()
         self._ensure_thread()
@@ -465,16 +471,17 @@ class Reader(_Hub, Generic[T]):
                 loops = self._loops_to_wake()
             else:
                 self._discard(waiter)
+                if self._prefetch == 0 and self._n_waiting == 0 and self._wake_w >= 0:
+                    # Nobody wants an item any more: stop the thread's wait, so that it takes none.
+                    os.write(self._wake_w, b"x")
                 return
         self._request_delivery(loops)
 
     def _deliver(self, loop: LoopHandle) -> None:
         """On ``loop``'s thread: give buffered items (or the end) to its waiters, FIFO."""
         with self._lock:
-            loop.delivery_pending = False
-            queue = self._loops.get(loop)
-            if queue is None:
-                return
+            queue = self._loops[loop]
+            queue.delivery_pending = False
             buffer = self.buffer
             ended = self._closed or self._end is not None
             woken = []
@@ -494,6 +501,11 @@ class Reader(_Hub, Generic[T]):
             loop.wake(waiter)
 
     # -- the thread side --
+
+    def _refill(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                self._wakeup.notify()
 
     def _ensure_thread(self) -> None:
         if self._thread is None and not self._closed:
@@ -693,7 +705,8 @@ class Writer(_Hub):
                 except BaseException as exc:
                     error = exc
             with self._lock:
-                self._jobs.popleft()
+                if self._jobs and self._jobs[0] is job:  # close() may have cleared the FIFO
+                    self._jobs.popleft()
                 if not job.waiter.dead:
                     self._done.append((job.waiter, result, error))
                     loops = self._loops_to_wake()
@@ -703,7 +716,7 @@ class Writer(_Hub):
 
     def _deliver(self, loop: LoopHandle) -> None:
         with self._lock:
-            loop.delivery_pending = False
+            self._loops[loop].delivery_pending = False
             woken = []
             for _ in range(len(self._done)):
                 waiter, result, error = self._done.popleft()

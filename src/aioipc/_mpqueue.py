@@ -183,7 +183,8 @@ class _Feeder:
     """This process's writer thread: takes pickled items from ``put`` and writes them to the pipe
     under the shared write lock, so that ``put`` never waits for room in the pipe."""
 
-    def __init__(self, queue: SyncQueue[Any]) -> None:
+    def __init__(self, queue: SyncQueue[Any], *, join_at_exit: bool) -> None:
+        self.join_at_exit = join_at_exit
         self._fd = queue._writer.fileno()
         self._wlock = queue._wlock
         self._cond = threading.Condition(threading.Lock())
@@ -196,6 +197,11 @@ class _Feeder:
 
     def __len__(self) -> int:
         return len(self._buffer)
+
+    def discard(self) -> None:
+        """Drop what was put and not yet written (an immediate shutdown)."""
+        with self._cond:
+            self._buffer.clear()
 
     def put(self, data: memoryview | bytes) -> None:
         with self._cond:
@@ -226,7 +232,7 @@ class _Feeder:
     @staticmethod
     def _flush(ref: weakref.ref[_Feeder]) -> None:
         feeder = ref()
-        if feeder is not None:
+        if feeder is not None and feeder.join_at_exit:
             feeder.close(timeout=None)
 
     def close(self, timeout: float | None = 5.0) -> None:
@@ -274,13 +280,15 @@ class SyncQueue(Generic[T]):
         self._state = ctx.RawArray("q", 3)
         self._cond = ctx.Condition(self._slock) if joinable else None
         self._joinable = joinable
+        self._closed = False
         self._reset_local()
 
     def _reset_local(self) -> None:
+        """Forget this process's threads (at creation, unpickling, and in a forked child)."""
         self._feeder: _Feeder | None = None
-        self._closed = False
         self._poller: Any = None
         self._poller_fd = -1
+        self._join_feeder_at_exit = True
         _live_queues.add(self)
 
     def __getstate__(self) -> tuple[Any, ...]:
@@ -295,6 +303,7 @@ class SyncQueue(Generic[T]):
             self._maxsize, self._reader, self._writer, self._rlock, self._wlock, self._slock,
             self._sem, self._state, self._cond, self._joinable,
         ) = state  # fmt: skip
+        self._closed = False
         self._reset_local()
 
     def __repr__(self) -> str:
@@ -362,7 +371,7 @@ class SyncQueue(Generic[T]):
     def _feed_raw(self, data: memoryview | bytes) -> None:
         feeder = self._feeder
         if feeder is None:
-            feeder = self._feeder = _Feeder(self)
+            feeder = self._feeder = _Feeder(self, join_at_exit=self._join_feeder_at_exit)
         feeder.put(data)
 
     # -- getting --
@@ -476,7 +485,9 @@ class SyncQueue(Generic[T]):
 
     def qsize(self) -> int:
         """The number of items put and not yet taken by any process (approximate while others
-        put and get). Works on every platform, macOS included."""
+        put and get). Works on every platform, macOS included. 0 after an immediate shutdown."""
+        if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
+            return 0
         return max(self._state[_COUNT], 0)
 
     def empty(self) -> bool:
@@ -512,6 +523,8 @@ class SyncQueue(Generic[T]):
             self._feed_raw(_MARK)
 
     def _discard_queued(self) -> None:
+        if self._feeder is not None:
+            self._feeder.discard()
         fd = self._reader.fileno()
         if not self._rlock.acquire(True, 1.0):
             return
@@ -569,7 +582,12 @@ class SyncQueue(Generic[T]):
 
     def _joined(self) -> bool:
         state = self._state
-        return state[_UNFINISHED] <= 0 or (bool(state[_SHUTDOWN]) and state[_COUNT] <= 0)
+        shutdown = state[_SHUTDOWN]
+        return (
+            state[_UNFINISHED] <= 0
+            or shutdown == _SHUT_IMMEDIATE
+            or (shutdown == _SHUT_GRACEFUL and state[_COUNT] <= 0)
+        )
 
     def unfinished_tasks(self) -> int:
         return max(self._state[_UNFINISHED], 0)
@@ -595,7 +613,12 @@ class SyncQueue(Generic[T]):
         waits for the feeder thread."""
 
     def cancel_join_thread(self) -> None:
-        """Kept for compatibility with :class:`multiprocessing.Queue`."""
+        """Do not wait, when this process exits, for the feeder thread to write what this process
+        put (as :meth:`multiprocessing.Queue.cancel_join_thread`): items not yet written are lost,
+        but the exit cannot hang on a full pipe that nobody reads."""
+        self._join_feeder_at_exit = False
+        if self._feeder is not None:
+            self._feeder.join_at_exit = False
 
 
 __all__ = ["SHUTDOWN_MARKER", "Connection", "SyncQueue", "UnpicklingFailed", "dumps", "loads"]

@@ -173,7 +173,10 @@ class Queue(Generic[T]):
         self._joiner = Writer("join")
         self._checkpoints = Checkpointer()
         self._closed = False
+        #: The process that built this queue warns if it is left unclosed.
         self._owner_pid = os.getpid() if owner else -1
+        #: A queue made by ``wrap`` leaves the wrapped object open when it closes.
+        self._owns_channel = not isinstance(channel, _Foreign) and owner
 
     def __getstate__(self) -> tuple[Any, int]:
         context.assert_spawning(self)
@@ -181,7 +184,11 @@ class Queue(Generic[T]):
 
     def __setstate__(self, state: tuple[Any, int]) -> None:
         channel, prefetch = state
-        self._setup(channel if isinstance(channel, SyncQueue) else _Foreign(channel), prefetch, owner=False)
+        if isinstance(channel, SyncQueue):
+            self._setup(channel, prefetch, owner=False)
+            self._owns_channel = True  # this process's own copy
+        else:
+            self._setup(_Foreign(channel), prefetch, owner=False)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"qsize={self.qsize()}"
@@ -217,13 +224,13 @@ class Queue(Generic[T]):
         **Cancellation**: if cancelled while waiting for room, the item was not put. Once room is
         found the item goes in at once; the item is never put twice.
         """
+        await self._checkpoints.tick()
         self._check_open()
         channel = self._channel
         if isinstance(channel, SyncQueue):
             data = dumps(item)
             if not self._writer.busy and channel.try_room():
                 channel.feed(data)
-                await self._checkpoints.tick()
                 return
             await self._writer.run(lambda job: self._put_waiting(channel, data, job))
         elif channel.is_proxy or self._writer.busy:
@@ -234,8 +241,6 @@ class Queue(Generic[T]):
                 channel.put_nowait(item)
             except Full:
                 await self._writer.run(lambda job: channel.put_waiting(item, job))
-            else:
-                await self._checkpoints.tick()
 
     @staticmethod
     def _put_waiting(channel: SyncQueue[T], data: memoryview, job: Job[None]) -> None:
@@ -365,7 +370,7 @@ class Queue(Generic[T]):
 
         Waiting coroutines are woken with :class:`aioipc.ClosedResourceError`, later calls raise it.
         Items this process prefetched go back into the queue (at its end): nothing is lost. Other
-        processes are not affected.
+        processes are not affected. A queue made by :meth:`wrap` leaves the wrapped object open.
         """
         if self._closed:
             return
@@ -374,7 +379,8 @@ class Queue(Generic[T]):
         self._joiner.close()
         leftover = self._reader.close()
         self._channel.giveback(leftover)
-        self._channel.close()
+        if self._owns_channel:
+            self._channel.close()
 
     async def aclose(self) -> None:
         """Close the queue (see :meth:`close`)."""
