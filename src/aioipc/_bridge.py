@@ -47,7 +47,10 @@ CHECKPOINT_SECONDS = 0.002
 
 
 class _Waiter:
-    """One parked coroutine. ``items``/``error`` are set on its loop's thread, right before waking."""
+    """One parked coroutine. ``items``/``error`` are set on its loop's thread, right before waking.
+
+    ``dead`` means the waiter left its FIFO (abandoned, or served): it no longer counts as waiting.
+    """
 
     __slots__ = ("dead", "error", "items", "loop", "token", "want")
 
@@ -485,10 +488,11 @@ class Reader(_Hub, Generic[T]):
             buffer = self.buffer
             ended = self._closed or self._end is not None
             woken = []
-            while queue.live and (buffer or ended):
+            while queue.live > 0 and (buffer or ended):
                 waiter = queue.popleft()
                 assert waiter is not None
                 self._n_waiting -= 1
+                waiter.dead = True  # out of the FIFO: abandoning it later discards nothing
                 if buffer:
                     n = min(waiter.want, len(buffer))
                     waiter.items = [buffer.popleft() for _ in range(n)]
@@ -735,6 +739,7 @@ class Writer(_Hub):
                     waiter2 = queue.popleft()
                     assert waiter2 is not None
                     self._n_waiting -= 1
+                    waiter2.dead = True
                     waiter2.error = ClosedResourceError()
                     woken.append(waiter2)
         for waiter in woken:
