@@ -1,6 +1,7 @@
 """Fixtures shared by the whole suite.
 
-- ``anyio_backend``: every ``@pytest.mark.anyio`` test runs on asyncio (debug mode), uvloop and trio.
+- ``anyio_backend``: every ``@pytest.mark.anyio`` test runs on asyncio (debug mode), uvloop and
+  trio.
 - ``ctx``: a multiprocessing context, parametrised over fork, forkserver and spawn by the tests that
   ask for it.
 - An autouse check fails any test that leaves child processes or aioipc threads behind.
@@ -24,9 +25,13 @@ BACKENDS: list[Any] = [
 if sys.platform != "win32":
     import uvloop
 
-    BACKENDS.insert(1, pytest.param(("asyncio", {"loop_factory": uvloop.new_event_loop}), id="uvloop"))
+    BACKENDS.insert(
+        1, pytest.param(("asyncio", {"loop_factory": uvloop.new_event_loop}), id="uvloop")
+    )
 
-START_METHODS = [m for m in ("fork", "forkserver", "spawn") if m in multiprocessing.get_all_start_methods()]
+START_METHODS = [
+    m for m in ("fork", "forkserver", "spawn") if m in multiprocessing.get_all_start_methods()
+]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -52,10 +52,9 @@ async def produce_in_bursts(queue: aioipc.Queue[int], n: int, seed: int) -> None
 async def test_random_timeouts_of_one_consumer_lose_nothing_and_keep_fifo_order(
     batch: bool,
 ) -> None:
-    async with aioipc.Queue[int]() as queue:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce_in_bursts, queue, N, 1)
-            got, timeouts = await consume_with_random_timeouts(queue, 2, batch)
+    async with aioipc.Queue[int]() as queue, anyio.create_task_group() as tg:
+        tg.start_soon(produce_in_bursts, queue, N, 1)
+        got, timeouts = await consume_with_random_timeouts(queue, 2, batch)
     assert got == list(range(N))
     assert timeouts > 100  # the test did cancel many waits
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import pickle
 import threading
@@ -188,6 +187,17 @@ async def test_put_on_a_full_queue_waits_for_room() -> None:
             await wait_until_waiting(queue, putters=1)
             assert await queue.get() == 1
             assert await queue.get() == 2
+
+
+async def test_items_prefetched_by_a_reader_still_count_against_maxsize() -> None:
+    async with aioipc.Queue[int](2) as queue:
+        await queue.put(1)
+        await queue.put(2)
+        assert await queue.get() == 1  # the reader thread has prefetched item 2 as well
+        queue.put_nowait(3)
+        with pytest.raises(aioipc.Full):
+            queue.put_nowait(4)
+        assert [await queue.get(), await queue.get()] == [2, 3]
 
 
 async def test_cancelled_put_on_a_full_queue_does_not_put_the_item() -> None:
@@ -401,7 +411,7 @@ async def test_close_in_a_cancelled_scope_still_releases_the_queue() -> None:
     queue: aioipc.Queue[int] = aioipc.Queue()
     await queue.put(1)
     await queue.get()
-    with anyio.CancelScope() as scope:
+    with anyio.CancelScope() as scope:  # noqa: ASYNC100 (close() must work without awaiting)
         scope.cancel()
         queue.close()
     assert queue.statistics().threads == 0
@@ -425,10 +435,11 @@ async def test_closing_a_wrapper_leaves_the_wrapped_queue_open(queue: aioipc.Que
 
 
 def test_an_unclosed_queue_warns_when_collected() -> None:
-    queue: aioipc.Queue[int] = aioipc.Queue()
+    def drop_an_unclosed_queue() -> None:
+        aioipc.Queue[int]()
+
     with pytest.warns(ResourceWarning, match="unclosed"):
-        del queue
-        gc.collect()
+        drop_an_unclosed_queue()
 
 
 async def test_statistics_report_waiters_buffer_and_threads(queue: aioipc.Queue[Any]) -> None:

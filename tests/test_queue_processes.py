@@ -109,7 +109,7 @@ def collect_n_in_child(
 
 
 def start(ctx: Any, target: Any, *args: Any) -> multiprocessing.process.BaseProcess:
-    process = ctx.Process(target=target, args=args)
+    process: multiprocessing.process.BaseProcess = ctx.Process(target=target, args=args)
     process.start()
     return process
 

@@ -11,9 +11,9 @@ full bounded queue, a ``send`` into a full pipe. Waits in aioipc never use anyio
 limiter or the loop's default executor: a wait that may last forever must not starve the rest of the
 application.
 
-Cancellation is exact. Items are assigned to a waiter only on its own event loop's thread, in the
-same step that wakes it; a waiter cancelled after that point gives its items back to the front of the
-buffer, ahead of newer items, for the next waiter of this process.
+Cancellation is exact. Items are assigned to a waiter only on its own event loop's thread, in
+the same step that wakes it; a waiter cancelled after that point gives its items back to the
+front of the buffer, ahead of newer items, for the next waiter of this process.
 """
 
 from __future__ import annotations
@@ -160,29 +160,27 @@ def current_loop() -> LoopHandle:
         if handle is None:
             handle = _asyncio_loops[loop] = _AsyncioLoop(loop)
         return handle
-    if "trio" in sys.modules:
-        import trio
-
-        global _trio_loop_var
-        if _trio_loop_var is None:
-            _trio_loop_var = trio.lowlevel.RunVar("aioipc_loop")
-        try:
-            return _trio_loop_var.get()  # type: ignore[no-any-return]
-        except LookupError:
-            pass
-        except RuntimeError:  # not inside trio.run()
-            pass
-        else:  # pragma: no cover
-            raise AssertionError("unreachable")
-        try:
-            token = trio.lowlevel.current_trio_token()
-        except RuntimeError:
-            pass
-        else:
-            handle = _TrioLoop(token)
-            _trio_loop_var.set(handle)
-            return handle
+    trio_handle = _current_trio_loop()
+    if trio_handle is not None:
+        return trio_handle
     raise RuntimeError("aioipc needs a running asyncio, uvloop or trio event loop")
+
+
+def _current_trio_loop() -> LoopHandle | None:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    global _trio_loop_var
+    if _trio_loop_var is None:
+        _trio_loop_var = trio.lowlevel.RunVar("aioipc_loop")
+    try:
+        handle: LoopHandle | None = _trio_loop_var.get(None)
+    except RuntimeError:  # not inside trio.run()
+        return None
+    if handle is None:
+        handle = _TrioLoop(trio.lowlevel.current_trio_token())
+        _trio_loop_var.set(handle)
+    return handle
 
 
 class Checkpointer:
@@ -351,7 +349,10 @@ class _Hub:
 
     def statistics(self) -> dict[str, int]:
         thread = self._thread
-        return {"waiting": self._n_waiting, "threads": int(thread is not None and thread.is_alive())}
+        return {
+            "waiting": self._n_waiting,
+            "threads": int(thread is not None and thread.is_alive()),
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +363,9 @@ class _Hub:
 class Source(Protocol[T]):
     """A blocking channel end as the reader thread sees it."""
 
-    def read(self, max_items: int, max_bytes: int, wake_fd: int) -> tuple[list[T], BaseException | None]:
+    def read(
+        self, max_items: int, max_bytes: int, wake_fd: int
+    ) -> tuple[list[T], BaseException | None]:
         """Wait for at least one item, then add those already available within the limits.
 
         Return early (possibly with no items) when ``wake_fd`` becomes readable. The second element
@@ -533,12 +536,9 @@ class Reader(_Hub, Generic[T]):
     def _run(self) -> None:
         source, wake_r = self._source, self._wake_r
         while True:
-            with self._lock:
-                while not self._closed and self._end is None and self._demand() <= 0:
-                    self._wakeup.wait()
-                if self._closed or self._end is not None:
-                    return
-                want = min(max(self._demand(), 1), self._max_batch)
+            want = self._wait_for_demand()
+            if not want:
+                return
             try:
                 items, end = source.read(want, self._max_batch_bytes, wake_r)
             except BaseException as exc:  # the channel broke: report it to the waiters
@@ -555,6 +555,15 @@ class Reader(_Hub, Generic[T]):
                     self._end = end
                 loops = self._loops_to_wake()
             self._request_delivery(loops)
+
+    def _wait_for_demand(self) -> int:
+        """Block until coroutines want items; how many to read (0: the reader is done)."""
+        with self._lock:
+            while not self._closed and self._end is None and self._demand() <= 0:
+                self._wakeup.wait()
+            if self._closed or self._end is not None:
+                return 0
+            return min(max(self._demand(), 1), self._max_batch)
 
     def _giveback(self, items: list[T]) -> None:
         giveback = getattr(self._source, "giveback", None)
@@ -581,7 +590,10 @@ class Reader(_Hub, Generic[T]):
     # -- closing --
 
     def close(self) -> list[T]:
-        """Stop the thread, wake every waiter with ClosedResourceError; return the buffered items."""
+        """Stop the thread and wake every waiter with ClosedResourceError.
+
+        Returns the buffered items, for the caller to give back.
+        """
         with self._lock:
             if self._closed:
                 return []

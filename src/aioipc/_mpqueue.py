@@ -1,10 +1,10 @@
 """The cross-process queue behind ``aioipc.Queue``: a pipe of framed pickles, shared by processes.
 
-It is built from the same parts as :class:`multiprocessing.Queue` (a pipe, a read lock, a write lock,
-a semaphore for ``maxsize``, a feeder thread per process) plus a small shared state block that gives
-what the standard queue lacks: ``qsize()`` on every platform, ``shutdown()`` seen by every process,
-and the unfinished-task count of a joinable queue. Items are pickled by the caller of ``put`` (so an
-unpicklable item raises there, not later in the feeder thread).
+It is built from the same parts as :class:`multiprocessing.Queue` (a pipe, a read lock, a write
+lock, a semaphore for ``maxsize``, a feeder thread per process) plus a small shared state block
+that gives what the standard queue lacks: ``qsize()`` on every platform, ``shutdown()`` seen by
+every process, and the unfinished-task count of a joinable queue. Items are pickled by the caller
+of ``put`` (so an unpicklable item raises there, not later in the feeder thread).
 
 The frames on the pipe are those of :class:`multiprocessing.connection.Connection`: a 4-byte
 big-endian length (or -1 and an 8-byte length), then the pickle.
@@ -73,10 +73,21 @@ class UnpicklingFailed:
         self.error = error
 
 
+class EndMarker:
+    """Ends the queue for every reader that reaches it, with ``error``, after the items put before
+    it; a reader that takes it puts it back for the next process. Supervision sends one when the
+    queue's producers are gone."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 def dumps(obj: object) -> memoryview:
     """Pickle ``obj`` for another process, or raise TypeError naming its type."""
     try:
-        return ForkingPickler.dumps(obj)  # type: ignore[no-any-return]
+        return ForkingPickler.dumps(obj)
     except Exception as exc:
         raise TypeError(
             f"cannot send a {type(obj).__module__}.{type(obj).__qualname__} object to another "
@@ -168,7 +179,9 @@ def read_frames(fd: int, max_bytes: int) -> list[bytes | memoryview]:
         if size == -1:
             have = bytes(view[pos : pos + 8])
             pos = min(pos + 8, end)
-            (size,) = _LONG_HEADER.unpack(have + read_exact(fd, 8 - len(have)) if len(have) < 8 else have)
+            (size,) = _LONG_HEADER.unpack(
+                have + read_exact(fd, 8 - len(have)) if len(have) < 8 else have
+            )
         if end - pos >= size:
             frames.append(view[pos : pos + size])
             pos += size
@@ -260,7 +273,8 @@ class SyncQueue(Generic[T]):
 
     It has the methods of :class:`multiprocessing.Queue` (and, when joinable, of
     :class:`multiprocessing.JoinableQueue`), and honours :meth:`shutdown` like the async face:
-    ``put`` raises :class:`aioipc.ShutDown` and ``get`` returns what is still queued, then raises it.
+    ``put`` raises :class:`aioipc.ShutDown` and ``get`` returns what is still queued, then raises
+    it.
     Pass it (or the async queue that owns it) to child processes as an argument.
     """
 
@@ -352,9 +366,12 @@ class SyncQueue(Generic[T]):
         """Take a slot of a bounded queue without waiting (always True when unbounded)."""
         return self._sem is None or self._sem.acquire(False)
 
-    def release_room(self) -> None:
-        if self._sem is not None:
-            self._sem.release()
+    def release_room(self, n: int = 1) -> None:
+        """Free ``n`` slots of a bounded queue (items handed out by a get)."""
+        sem = self._sem
+        if sem is not None:
+            for _ in range(n):
+                sem.release()
 
     def feed(self, data: memoryview | bytes) -> None:
         """Count a pickled item (whose slot is taken) as queued and hand it to the feeder."""
@@ -409,7 +426,7 @@ class SyncQueue(Generic[T]):
         item = items[0]
         if isinstance(item, UnpicklingFailed):
             raise item.error
-        return item  # type: ignore[no-any-return]
+        return item
 
     def get_nowait(self) -> T:
         """Remove and return an item if one is there; else raise :class:`aioipc.Empty`."""
@@ -422,7 +439,9 @@ class SyncQueue(Generic[T]):
             self._poller_fd = fd
         return bool(self._poller.poll(timeout * 1000))
 
-    def read(self, max_items: int, max_bytes: int, wake_fd: int) -> tuple[list[T], BaseException | None]:
+    def read(
+        self, max_items: int, max_bytes: int, wake_fd: int
+    ) -> tuple[list[T], BaseException | None]:
         """For the bridge's reader thread: wait for items (without holding the read lock), then
         take those already there. Returns early when ``wake_fd`` is readable."""
         fd = self._reader.fileno()
@@ -451,9 +470,12 @@ class SyncQueue(Generic[T]):
                     frames = read_frames(fd, max_bytes)
             finally:
                 self._rlock.release()
-            return self._decode(frames)
+            # Prefetched items keep their slot of a bounded queue until a get hands them out.
+            return self._decode(frames, release_room=False)
 
-    def _decode(self, frames: list[bytes | memoryview]) -> tuple[list[T], BaseException | None]:
+    def _decode(
+        self, frames: list[bytes | memoryview], *, release_room: bool = True
+    ) -> tuple[list[T], BaseException | None]:
         """Unpickle frames just read; account for them; recognise the shutdown marker."""
         end: BaseException | None = None
         items = []
@@ -463,14 +485,19 @@ class SyncQueue(Generic[T]):
                 end = ShutDown()
                 self._feed_raw(_MARK)  # for the next process
             else:
-                items.append(loads(data))
+                item = loads(data)
+                if type(item) is EndMarker:
+                    end = item.error
+                    self._feed_raw(bytes(data))  # for the next process
+                else:
+                    items.append(item)
         if items:
             with self._slock:
                 self._state[_COUNT] -= len(items)
-            if self._sem is not None:
-                for _ in items:
-                    self._sem.release()
-        if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
+        immediate = self._state[_SHUTDOWN] == _SHUT_IMMEDIATE
+        if items and (release_room or immediate):
+            self.release_room(len(items))
+        if immediate:
             return [], ShutDown()
         return items, end
 
@@ -488,7 +515,7 @@ class SyncQueue(Generic[T]):
         put and get). Works on every platform, macOS included. 0 after an immediate shutdown."""
         if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
             return 0
-        return max(self._state[_COUNT], 0)
+        return max(int(self._state[_COUNT]), 0)
 
     def empty(self) -> bool:
         """True if :meth:`qsize` is 0."""
@@ -536,9 +563,7 @@ class SyncQueue(Generic[T]):
                     self._state[_COUNT] -= real
                     if self._joinable:
                         self._state[_UNFINISHED] -= real
-                if self._sem is not None:
-                    for _ in range(real):
-                        self._sem.release()
+                self.release_room(real)
         finally:
             self._rlock.release()
         if self._cond is not None:
@@ -583,14 +608,14 @@ class SyncQueue(Generic[T]):
     def _joined(self) -> bool:
         state = self._state
         shutdown = state[_SHUTDOWN]
-        return (
+        return bool(
             state[_UNFINISHED] <= 0
             or shutdown == _SHUT_IMMEDIATE
             or (shutdown == _SHUT_GRACEFUL and state[_COUNT] <= 0)
         )
 
     def unfinished_tasks(self) -> int:
-        return max(self._state[_UNFINISHED], 0)
+        return max(int(self._state[_UNFINISHED]), 0)
 
     # -- closing --
 
@@ -621,4 +646,12 @@ class SyncQueue(Generic[T]):
             self._feeder.join_at_exit = False
 
 
-__all__ = ["SHUTDOWN_MARKER", "Connection", "SyncQueue", "UnpicklingFailed", "dumps", "loads"]
+__all__ = [
+    "SHUTDOWN_MARKER",
+    "Connection",
+    "EndMarker",
+    "SyncQueue",
+    "UnpicklingFailed",
+    "dumps",
+    "loads",
+]

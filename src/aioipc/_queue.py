@@ -9,14 +9,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing import context
 from multiprocessing.managers import BaseProxy
+from multiprocessing.process import BaseProcess
 from types import TracebackType
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ._bridge import Checkpointer, Job, Reader, Writer
 from ._exceptions import ClosedResourceError, Empty, Full, ShutDown
 from ._mpqueue import POLL_SLICE, SHUTDOWN_MARKER, SyncQueue, UnpicklingFailed, dumps
+from ._process import link_producers
 
 T = TypeVar("T")
+_Q = TypeVar("_Q", bound="Queue[Any]")
 
 #: Items a process may take from the shared queue ahead of its waiting coroutines.
 DEFAULT_PREFETCH = 64
@@ -61,7 +64,9 @@ class _Foreign:
         self.is_proxy = isinstance(obj, BaseProxy)
         self.is_shutdown = False
 
-    def read(self, max_items: int, max_bytes: int, wake_fd: int) -> tuple[list[Any], BaseException | None]:
+    def read(
+        self, max_items: int, max_bytes: int, wake_fd: int
+    ) -> tuple[list[Any], BaseException | None]:
         try:
             items = [self.obj.get(True, POLL_SLICE)]
         except stdlib_queue.Empty:
@@ -130,8 +135,8 @@ class Queue(Generic[T]):
     for synchronous code.
 
     Build it in synchronous code before starting the processes that use it, and pass it to them as
-    an argument (it pickles for spawn and forkserver, and is inherited under fork). Every process may
-    put and get, synchronously through :attr:`sync` or asynchronously with its own event loop.
+    an argument (it pickles for spawn and forkserver, and is inherited under fork). Every process
+    may put and get, synchronously through :attr:`sync` or asynchronously with its own event loop.
 
     ``maxsize`` bounds the queue (0: unbounded). ``ctx`` is the multiprocessing context whose locks
     it uses (default: multiprocessing's default context). ``prefetch`` is how many items this
@@ -141,7 +146,9 @@ class Queue(Generic[T]):
 
     _joinable = False
 
-    def __init__(self, maxsize: int = 0, *, ctx: Any = None, prefetch: int = DEFAULT_PREFETCH) -> None:
+    def __init__(
+        self, maxsize: int = 0, *, ctx: Any = None, prefetch: int = DEFAULT_PREFETCH
+    ) -> None:
         self._setup(SyncQueue(maxsize, ctx=ctx, joinable=self._joinable), prefetch, owner=True)
 
     @classmethod
@@ -172,6 +179,8 @@ class Queue(Generic[T]):
         self._writer = Writer("queue")
         self._joiner = Writer("join")
         self._checkpoints = Checkpointer()
+        #: Our own bounded queues free a slot when a get hands an item out, not when prefetched.
+        self._bounded = isinstance(channel, SyncQueue) and channel.maxsize > 0
         self._closed = False
         #: The process that built this queue warns if it is left unclosed.
         self._owner_pid = os.getpid() if owner else -1
@@ -180,7 +189,10 @@ class Queue(Generic[T]):
 
     def __getstate__(self) -> tuple[Any, int]:
         context.assert_spawning(self)
-        return (self._channel if isinstance(self._channel, SyncQueue) else self._channel.obj, self._prefetch)
+        return (
+            self._channel if isinstance(self._channel, SyncQueue) else self._channel.obj,
+            self._prefetch,
+        )
 
     def __setstate__(self, state: tuple[Any, int]) -> None:
         channel, prefetch = state
@@ -205,7 +217,7 @@ class Queue(Generic[T]):
         """The blocking face of this queue, for synchronous code (a :class:`SyncQueue`, or the
         object given to :meth:`wrap`). Items this process prefetched are not visible there."""
         channel = self._channel
-        return channel if isinstance(channel, SyncQueue) else channel.obj  # type: ignore[no-any-return]
+        return channel if isinstance(channel, SyncQueue) else channel.obj
 
     @property
     def maxsize(self) -> int:
@@ -280,7 +292,8 @@ class Queue(Generic[T]):
         except IndexError:
             self._check_open()
             item = (await self._reader.take(1))[0]
-        if type(item) is UnpicklingFailed:
+        self._handed_out(1)
+        if isinstance(item, UnpicklingFailed):
             raise item.error
         return item
 
@@ -296,12 +309,15 @@ class Queue(Generic[T]):
         self._check_open()
         items = await self._reader.take(max_items)
         for i, item in enumerate(items):
-            if type(item) is UnpicklingFailed:
-                if i:  # hand out the good ones; the failure raises on the next call
-                    self._reader.buffer.extendleft(reversed(items[i:]))
+            if isinstance(item, UnpicklingFailed):
+                # Hand out the good items before it; or raise it, and keep the rest for later.
+                handed = i or 1
+                self._reader.buffer.extendleft(reversed(items[handed:]))
+                self._handed_out(handed)
+                if i:
                     return items[:i]
-                self._reader.buffer.extendleft(reversed(items[1:]))
                 raise item.error
+        self._handed_out(len(items))
         return items
 
     def get_nowait(self) -> T:
@@ -318,9 +334,15 @@ class Queue(Generic[T]):
             if self._channel.is_shutdown and self._channel.qsize() <= 0:
                 raise ShutDown from None
             raise Empty from None
-        if type(item) is UnpicklingFailed:
+        self._handed_out(1)
+        if isinstance(item, UnpicklingFailed):
             raise item.error
         return item
+
+    def _handed_out(self, n: int) -> None:
+        """Items left this process's buffer for good: free their slots of a bounded queue."""
+        if self._bounded:
+            self._channel.release_room(n)
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self
@@ -363,6 +385,19 @@ class Queue(Generic[T]):
         if immediate:
             self._reader.end(ShutDown(), discard=True)
 
+    def link(self, *producers: BaseProcess) -> None:
+        """Supervise the processes that put items into this queue (started by this process).
+
+        Once every linked process has exited, getters in every process receive the items still
+        queued, then :class:`aioipc.BrokenResourceError` naming the processes and their exit
+        codes, instead of waiting forever. After :meth:`shutdown` they end with ``ShutDown`` as
+        usual. A producer killed inside ``put`` in the middle of an item cuts the stream: getters
+        of this process then raise ``BrokenResourceError`` at once. Not for queues adopted by
+        :meth:`wrap`.
+        """
+        self._check_open()
+        link_producers(self, producers)
+
     # -- closing --
 
     def close(self) -> None:
@@ -386,11 +421,14 @@ class Queue(Generic[T]):
         """Close the queue (see :meth:`close`)."""
         self.close()
 
-    async def __aenter__(self) -> Queue[T]:
+    async def __aenter__(self: _Q) -> _Q:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -415,6 +453,13 @@ class JoinableQueue(Queue[T]):
     they have processed, and :meth:`join` waits until every item put has been processed."""
 
     _joinable = True
+
+    @classmethod
+    def wrap(cls, obj: Any, *, prefetch: int = DEFAULT_PREFETCH) -> JoinableQueue[Any]:
+        """Adopt an existing joinable queue: a :class:`multiprocessing.JoinableQueue`, a manager's
+        queue proxy, or the :attr:`sync` face of another aioipc joinable queue (see
+        :meth:`Queue.wrap`)."""
+        return cast("JoinableQueue[Any]", super().wrap(obj, prefetch=prefetch))
 
     def task_done(self) -> None:
         """Mark one item taken earlier as processed. Raises ``ValueError`` if called more times
