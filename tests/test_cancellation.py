@@ -56,7 +56,7 @@ async def test_random_timeouts_of_one_consumer_lose_nothing_and_keep_fifo_order(
         tg.start_soon(produce_in_bursts, queue, N, 1)
         got, timeouts = await consume_with_random_timeouts(queue, 2, batch)
     assert got == list(range(N))
-    assert timeouts > 100  # the test did cancel many waits
+    assert timeouts > 20  # the test did cancel waits
 
 
 # -- asyncio's own ways of cancelling --
@@ -96,7 +96,7 @@ async def test_asyncio_timeouts_and_task_cancel_lose_nothing(how: str) -> None:
         got, cancels = await _asyncio_consume(queue, how, 4)
         await producer
     assert got == list(range(N))
-    assert cancels > 100
+    assert cancels > 20
 
 
 # -- two consumer processes, each cancelling at random --
@@ -144,7 +144,7 @@ async def test_random_timeouts_across_two_consumer_processes_lose_and_duplicate_
     assert sorted(items) == list(range(N))  # nothing lost, nothing duplicated
     for got, _ in reports:
         assert got == sorted(got)  # each consumer sees its share in FIFO order
-    assert sum(timeouts for _, timeouts in reports) > 100
+    assert sum(timeouts for _, timeouts in reports) > 20
 
 
 # -- puts --

@@ -458,11 +458,12 @@ async def test_statistics_report_waiters_buffer_and_threads(queue: aioipc.Queue[
 # -- the sync face and wrapping --
 
 
-async def test_sync_face_shares_the_queue_with_the_async_face(queue: aioipc.Queue[Any]) -> None:
-    queue.sync.put("from sync")
-    assert await queue.get() == "from sync"
-    await queue.put("from async")
-    assert queue.sync.get(timeout=5) == "from async"
+async def test_sync_face_shares_the_queue_with_the_async_face() -> None:
+    async with aioipc.Queue[str](prefetch=0) as queue:  # no read-ahead into this process
+        queue.sync.put("from sync")
+        assert await queue.get() == "from sync"
+        await queue.put("from async")
+        assert queue.sync.get(timeout=5) == "from async"
 
 
 async def test_sync_face_honours_shutdown(queue: aioipc.Queue[Any]) -> None:

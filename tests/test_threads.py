@@ -43,7 +43,8 @@ async def test_ten_thousand_pending_gets_add_at_most_two_threads() -> None:
             for i in range(10_000):
                 await queue.put(i)
         assert sorted(received) == list(range(10_000))
-        assert sorted(aioipc_threads()) == ["aioipc-queue-feeder", "aioipc-reader-queue"]
+        # The reader, and the feeder thread if a put found the pipe full.
+        assert set(aioipc_threads()) <= {"aioipc-reader-queue", "aioipc-queue-feeder"}
 
 
 async def test_pending_gets_leave_anyio_worker_threads_free() -> None:

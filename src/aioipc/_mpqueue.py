@@ -125,9 +125,17 @@ def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
 
 
 def _write(fd: int, buf: bytes) -> None:
+    """Write all of ``buf`` to the queue's pipe, whose write end is non-blocking: wait for room."""
     view = memoryview(buf)
     while view:
-        view = view[os.write(fd, view) :]
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
+
+
+#: A frame this small is written whole or not at all by one non-blocking write (POSIX PIPE_BUF).
+_ATOMIC_FRAME = getattr(select, "PIPE_BUF", 512)
 
 
 def available(fd: int) -> int:
@@ -202,6 +210,8 @@ class _Feeder:
         self._wlock = queue._wlock
         self._cond = threading.Condition(threading.Lock())
         self._buffer: collections.deque[memoryview | bytes] = collections.deque()
+        #: Items taken from the buffer and not yet written.
+        self._inflight = 0
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="aioipc-queue-feeder", daemon=True)
         self._thread.start()
@@ -227,6 +237,7 @@ class _Feeder:
             with cond:
                 while not buffer and not self._closing:
                     cond.wait()
+                self._inflight = len(buffer)  # before the buffer empties: see idle()
                 batch = list(buffer)
                 buffer.clear()
                 if not batch:
@@ -241,6 +252,13 @@ class _Feeder:
                 with cond:
                     buffer.clear()
                     self._closing = True
+            finally:
+                self._inflight = 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing this process put is waiting to be written (so a new item may overtake none)."""
+        return not self._buffer and not self._inflight
 
     @staticmethod
     def _flush(ref: weakref.ref[_Feeder]) -> None:
@@ -287,6 +305,8 @@ class SyncQueue(Generic[T]):
             ctx = multiprocessing.get_context()
         self._maxsize = maxsize if maxsize > 0 else 0
         self._reader, self._writer = Pipe(duplex=False)
+        # Writers wait for room themselves (poll), so that a put can try a write that cannot block.
+        os.set_blocking(self._writer.fileno(), False)
         self._rlock = ctx.Lock()
         self._wlock = ctx.Lock()
         self._slock = ctx.Lock()
@@ -386,7 +406,20 @@ class SyncQueue(Generic[T]):
         self._feed_raw(data)
 
     def _feed_raw(self, data: memoryview | bytes) -> None:
+        """Write a pickle to the pipe now if that cannot block, else hand it to the feeder."""
         feeder = self._feeder
+        if (
+            len(data) <= _ATOMIC_FRAME - 4
+            and (feeder is None or feeder.idle)
+            and self._wlock.acquire(False)
+        ):
+            try:
+                os.write(self._writer.fileno(), _HEADER.pack(len(data)) + data)
+                return
+            except BlockingIOError:  # the pipe is full: the feeder will wait for room
+                pass
+            finally:
+                self._wlock.release()
         if feeder is None:
             feeder = self._feeder = _Feeder(self, join_at_exit=self._join_feeder_at_exit)
         feeder.put(data)
@@ -487,6 +520,8 @@ class SyncQueue(Generic[T]):
             else:
                 item = loads(data)
                 if type(item) is EndMarker:
+                    import sys as _s
+                    _s.stderr.write(f"DBG decoded end pid={os.getpid()}\n")
                     end = item.error
                     self._feed_raw(bytes(data))  # for the next process
                 else:
