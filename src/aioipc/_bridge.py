@@ -184,7 +184,10 @@ def _current_trio_loop() -> LoopHandle | None:
 
 
 class Checkpointer:
-    """Counts work done without waiting and yields to the loop now and then."""
+    """Counts work done without waiting, so that a fast path yields to the loop now and then.
+
+    Hot paths call ``if checkpoints.due(): await checkpoints.checkpoint()``; :meth:`tick` does both.
+    """
 
     __slots__ = ("_count", "_since")
 
@@ -192,14 +195,23 @@ class Checkpointer:
         self._count = 0
         self._since = time.monotonic()
 
-    async def tick(self) -> None:
+    def due(self) -> bool:
+        """Count one step; True when the caller should yield to its event loop now."""
         self._count += 1
-        if self._count >= 32:
-            now = time.monotonic()
-            if self._count >= CHECKPOINT_ITEMS or now - self._since >= CHECKPOINT_SECONDS:
-                await current_loop().checkpoint()
-                self._since = time.monotonic()
-                self._count = 0
+        if self._count < 32:
+            return False
+        if self._count < CHECKPOINT_ITEMS and time.monotonic() - self._since < CHECKPOINT_SECONDS:
+            return False
+        self._count = 0
+        self._since = time.monotonic()
+        return True
+
+    async def checkpoint(self) -> None:
+        await current_loop().checkpoint()
+
+    async def tick(self) -> None:
+        if self.due():
+            await current_loop().checkpoint()
 
     def reset(self) -> None:
         self._count = 0
@@ -223,7 +235,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 class _CleanSlate:
     """Clears the event-loop state a child inherits when multiprocessing forks it from inside a
-    running loop, so the child can start its own (``asyncio.run``, ``trio.run``).
+    running loop, so the child can start its own (``asyncio.run``, ``trio.run``, ``anyio.run``).
 
     It runs in children that multiprocessing starts with the fork method, and only there (it is a
     multiprocessing after-fork hook): such a child never returns into the parent's loop.
@@ -234,6 +246,10 @@ class _CleanSlate:
         trio_run = sys.modules.get("trio._core._run")
         if trio_run is not None:
             vars(trio_run.GLOBAL_RUN_CONTEXT).clear()
+        sniffio = sys.modules.get("sniffio")
+        if sniffio is not None:  # anyio.run() refuses to start while sniffio names a library
+            sniffio.thread_local.name = None
+            sniffio.current_async_library_cvar.set(None)
         if threading.current_thread() is threading.main_thread():
             import signal
 

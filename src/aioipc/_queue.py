@@ -286,15 +286,17 @@ class Queue(Generic[T]):
         **Cancellation**: a cancelled or timed-out ``get()`` loses nothing. An item taken for it
         goes back to this process's buffer, ahead of newer items, for the next ``get()``.
         """
-        await self._checkpoints.tick()
+        if self._checkpoints.due():
+            await self._checkpoints.checkpoint()
         try:
             item = self._reader.take_nowait()
         except IndexError:
             self._check_open()
             item = (await self._reader.take(1))[0]
-        self._handed_out(1)
-        if isinstance(item, UnpicklingFailed):
-            raise item.error
+        if self._bounded:
+            self._channel.release_room()
+        if type(item) is UnpicklingFailed:
+            raise cast(UnpicklingFailed, item).error
         return item
 
     async def get_batch(self, max_items: int) -> list[T]:
