@@ -19,12 +19,13 @@ N = 3000
 async def consume_with_random_timeouts(
     queue: aioipc.Queue[int], seed: int, batch: bool = False
 ) -> tuple[list[int], int]:
-    """Get until shutdown, giving up each wait after a random 0-2 ms; return items and timeouts."""
+    """Get until shutdown, giving up each wait after a random 0-2 ms (at once, for a third of
+    them); return the items and the number of waits given up."""
     rng = random.Random(seed)
     got: list[int] = []
     timeouts = 0
     while True:
-        with anyio.move_on_after(rng.uniform(0, 0.002)) as scope:
+        with anyio.move_on_after(0 if rng.random() < 0.3 else rng.uniform(0, 0.002)) as scope:
             try:
                 if batch:
                     got += await queue.get_batch(rng.randint(1, 8))
@@ -56,7 +57,7 @@ async def test_random_timeouts_of_one_consumer_lose_nothing_and_keep_fifo_order(
         tg.start_soon(produce_in_bursts, queue, N, 1)
         got, timeouts = await consume_with_random_timeouts(queue, 2, batch)
     assert got == list(range(N))
-    assert timeouts > 20  # the test did cancel waits
+    assert timeouts > 100  # the test did cancel many waits
 
 
 # -- asyncio's own ways of cancelling --
@@ -144,7 +145,7 @@ async def test_random_timeouts_across_two_consumer_processes_lose_and_duplicate_
     assert sorted(items) == list(range(N))  # nothing lost, nothing duplicated
     for got, _ in reports:
         assert got == sorted(got)  # each consumer sees its share in FIFO order
-    assert sum(timeouts for _, timeouts in reports) > 20
+    assert sum(timeouts for _, timeouts in reports) > 100
 
 
 # -- puts --
