@@ -66,6 +66,9 @@ async def test_aioipc_threads_are_named_daemons() -> None:
         await queue.put(0)
         async with anyio.create_task_group() as tg:
             tg.start_soon(queue.put, 1)  # waits for room: the writer thread
+            with anyio.fail_after(5):
+                while queue.statistics().waiting_putters < 1:
+                    await anyio.sleep(0.001)
             assert await queue.get() == 0  # the reader thread
             assert await queue.get() == 1
         threads = [t for t in threading.enumerate() if t.name.startswith("aioipc-")]

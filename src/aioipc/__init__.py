@@ -1,5 +1,12 @@
-"""Async queues, pipes and worker processes over real multiprocessing, for asyncio, uvloop and trio."""
+"""Async queues, pipes and worker processes over real multiprocessing: asyncio, uvloop, trio."""
 
+from ._connection import Connection as Connection
+from ._connection import ConnectionStatistics as ConnectionStatistics
+from ._connection import Listener as Listener
+from ._connection import ListenerStatistics as ListenerStatistics
+from ._connection import Pipe as Pipe
+from ._connection import connect as connect
+from ._connection import listen as listen
 from ._exceptions import BrokenResourceError as BrokenResourceError
 from ._exceptions import ClosedResourceError as ClosedResourceError
 from ._exceptions import Empty as Empty
@@ -13,13 +20,20 @@ from ._queue import QueueStatistics as QueueStatistics
 __all__ = [
     "BrokenResourceError",
     "ClosedResourceError",
+    "Connection",
+    "ConnectionStatistics",
     "Empty",
     "Full",
     "JoinableQueue",
+    "Listener",
+    "ListenerStatistics",
+    "Pipe",
     "Queue",
     "QueueStatistics",
     "ShutDown",
     "SyncQueue",
+    "connect",
+    "listen",
 ]
 
 for _name in __all__:

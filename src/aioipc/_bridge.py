@@ -790,4 +790,10 @@ class Writer(_Hub):
             self._jobs.clear()
             loops = self._loops_to_wake()
             self._wakeup.notify_all()
+            thread = self._thread
         self._request_delivery(loops)
+        # Let the thread drop its references (to the channel of its last job) here: if it dropped
+        # the last one itself, the channel's finalizers would run in a daemon thread, which may be
+        # stopped half-way by the interpreter's exit (a semaphore unlinked, never unregistered).
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(1.0)

@@ -520,8 +520,6 @@ class SyncQueue(Generic[T]):
             else:
                 item = loads(data)
                 if type(item) is EndMarker:
-                    import sys as _s
-                    _s.stderr.write(f"DBG decoded end pid={os.getpid()}\n")
                     end = item.error
                     self._feed_raw(bytes(data))  # for the next process
                 else:

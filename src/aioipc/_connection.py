@@ -1,0 +1,1253 @@
+"""``aioipc.Connection`` and ``aioipc.Pipe``; ``aioipc.connect`` and ``aioipc.listen`` across hosts.
+
+A :class:`Connection` is the async face of a :class:`multiprocessing.connection.Connection`: the
+same file descriptor, the same frames on the wire (a 4-byte big-endian length, or -1 and an 8-byte
+length, then the payload), so either end may be a plain multiprocessing peer.
+
+Receiving. On Linux the event loop itself waits: each connection end has a private ``epoll`` fd
+that watches the connection's fd, and the loop waits for *that* fd to become readable, so the loop
+never switches the connection's fd to non-blocking mode (which would break synchronous users of
+``.sync``). The loop then reads what is already there with a read that cannot wait (``RWF_NOWAIT``;
+``FIONREAD`` first on kernels that refuse it) and never waits for the rest of a message: whole
+frames are handed out, a frame that has partly arrived stays in this process's receive state. A
+message larger than :data:`LOOP_MESSAGE_MAX` is finished by the bridge's reader thread, so that
+reading and copying a large body stay off the loop. Elsewhere the reader thread does all the
+reading. Receivers of one connection end take turns, first come first served.
+
+Sending. A small frame (up to ``PIPE_BUF`` bytes, header included) is written on the loop thread
+when that cannot block: with ``RWF_NOWAIT`` where such a write is all or nothing (a pipe; a Unix
+socket), otherwise once the fd polls writable, which on Linux leaves room for it (a pipe has a free
+page; a TCP socket at least a third of its send buffer). Every other send goes to the bridge's
+writer thread, which waits for room, then writes the whole frame. Sends keep their order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import errno
+import multiprocessing
+import multiprocessing.connection as mpc
+import os
+import select
+import socket
+import stat
+import struct
+import threading
+import warnings
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from multiprocessing import context
+from multiprocessing.reduction import ForkingPickler
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+from ._bridge import Checkpointer, Job, Reader, Writer, _Waiter, current_loop
+from ._exceptions import ClosedResourceError
+from ._mpqueue import POLL_SLICE, available, dumps
+
+SendT = TypeVar("SendT")
+RecvT = TypeVar("RecvT")
+
+
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+
+#: Frames up to this size (header included) may be written on the event loop's thread.
+INLINE_SEND_MAX = select.PIPE_BUF
+#: The most bytes one read takes from the fd, on the loop or in the reader thread.
+READ_CHUNK = 256 * 1024
+#: Messages up to this size are assembled on the loop; larger ones by the reader thread.
+LOOP_MESSAGE_MAX = 256 * 1024
+
+_HAVE_READINESS = hasattr(select, "epoll") and hasattr(os, "eventfd")
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+#: Whether reads and writes may pass RWF_NOWAIT (Linux 4.14+ for the flag; pipes and sockets take
+#: it on recent kernels). Turned off at the first refusal.
+_nowait_reads = _nowait_writes = bool(_RWF_NOWAIT)
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)
+_EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0)
+_ENDED = select.POLLHUP | select.POLLERR | select.POLLNVAL | _POLLRDHUP
+
+#: A handshake with a peer that sends nothing fails after this many seconds.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+# --------------------------------------------------------------------------------------------
+# Receiving state
+# --------------------------------------------------------------------------------------------
+
+
+def _read_nowait(fd: int, buffers: list[memoryview]) -> int:
+    """Read what is there without waiting, leaving the fd blocking; ``BlockingIOError`` if nothing
+    is (bytes or the end of the stream)."""
+    global _nowait_reads
+    if _nowait_reads:
+        try:
+            return os.preadv(fd, buffers, -1, _RWF_NOWAIT)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _nowait_reads = False  # an older kernel: ask FIONREAD and poll first
+    if available(fd) == 0:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | _POLLRDHUP)
+        if not any(events & _ENDED for _, events in poller.poll(0)):
+            raise BlockingIOError(errno.EAGAIN, "nothing to read")
+    return os.readv(fd, buffers)
+
+
+#: Each thread's read buffer: frames are copied out of it before the reading call returns.
+_scratch = threading.local()
+
+
+class _Wire:
+    """What this process has read from one connection end: whole frames not handed out yet, and the
+    message being read (its chunks, joined once it is whole).
+
+    One side uses it at a time: the event loop, or the reader thread while it owns it
+    (``thread_owned``) to finish a large message. The thread reads a message's body into chunks of
+    its own, never past the message, and joins them without holding the GIL (``bytes.join`` drops
+    it for large results): a large message costs the loop no copy and no allocation.
+    """
+
+    __slots__ = ("_chunks", "_got", "_head", "_size", "end", "fd", "frames", "thread_owned")
+
+    def __init__(self, fd: int, *, thread_owned: bool) -> None:
+        self.fd = fd
+        self.frames: deque[bytes] = deque()
+        self.end: BaseException | None = None
+        self.thread_owned = thread_owned
+        self._head = b""  # the start of a header that did not arrive whole
+        self._size = -1  # the size of the message being read; -1: none
+        self._chunks: list[bytes] = []  # what has arrived of it
+        self._got = 0
+
+    @property
+    def message_size(self) -> int:
+        """The size of the message being read; 0 if none has started (or its header is partial)."""
+        return max(self._size, 0)
+
+    @property
+    def in_message(self) -> bool:
+        """True while part of a message has been read."""
+        return self._size >= 0 or bool(self._head)
+
+    def ingest(self, limit: int, *, wait: bool) -> bool:
+        """Read once, at most ``limit`` bytes.
+
+        Without ``wait`` it never blocks and returns False if nothing was there. With ``wait`` (the
+        reader thread) the caller has seen the fd readable, so the read returns at once.
+        """
+        fd = self.fd
+        try:
+            if wait and self._size >= 0:
+                chunk = os.read(fd, min(limit, self._size - self._got))
+                if chunk:
+                    self._add(chunk)
+                    return True
+            else:
+                try:
+                    scratch: memoryview = _scratch.view
+                except AttributeError:
+                    scratch = _scratch.view = memoryview(bytearray(READ_CHUNK))
+                h = len(self._head)
+                if h:
+                    scratch[:h] = self._head
+                buffers = [scratch[h : h + limit]]
+                n = os.readv(fd, buffers) if wait else _read_nowait(fd, buffers)
+                if n:
+                    self._feed(scratch, h + n)
+                    return True
+        except BlockingIOError:
+            return False
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            self._ended(EOFError(f"the peer is gone ({exc.strerror})"))
+            return True
+        if self.in_message:
+            self._ended(EOFError("the peer closed the connection in the middle of a message"))
+        else:
+            self._ended(EOFError())
+        return True
+
+    def _ended(self, exc: BaseException) -> None:
+        self.end = exc
+        self._head, self._size, self._chunks = b"", -1, []
+
+    def _add(self, chunk: bytes) -> None:
+        """Add a piece of the message being read; hand the message out once it is whole."""
+        if chunk:
+            self._chunks.append(chunk)
+            self._got += len(chunk)
+        if self._got == self._size:
+            chunks = self._chunks
+            self.frames.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            self._size, self._chunks, self._got = -1, [], 0
+
+    def _feed(self, view: memoryview, end: int) -> None:
+        """Take in the bytes ``view[:end]``, just read (after the start of a partial header)."""
+        self._head = b""
+        pos = 0
+        if self._size >= 0:
+            pos = min(end, self._size - self._got)
+            self._add(bytes(view[:pos]))
+            if self._size >= 0:
+                return
+        frames = self.frames
+        while end - pos >= 4:
+            (size,) = _HEADER.unpack_from(view, pos)
+            start = pos + 4
+            if size == -1:
+                if end - pos < 12:
+                    break
+                (size,) = _LONG_HEADER.unpack_from(view, start)
+                start += 8
+            elif size < 0:
+                self._ended(OSError(f"bad message length {size}: not a connection's stream"))
+                return
+            if end - start >= size:
+                frames.append(bytes(view[start : start + size]))
+                pos = start + size
+            else:
+                self._size, self._chunks, self._got = size, [], 0
+                self._add(bytes(view[start:end]))
+                return
+        self._head = bytes(view[pos:end])
+
+
+class _WireSource:
+    """The reader thread's view of a connection end (a :class:`aioipc._bridge.Source`)."""
+
+    def __init__(self, wire: _Wire, *, hand_back: bool) -> None:
+        self._wire = wire
+        self._hand_back = hand_back
+        #: Frames returned to the reader so far (counted before they reach its buffer).
+        self.handed_out = 0
+        self._poller: Any = None
+        self._poller_wake = -1
+
+    def read(
+        self, max_items: int, max_bytes: int, wake_fd: int
+    ) -> tuple[list[bytes], BaseException | None]:
+        wire = self._wire
+        if self._poller_wake != wake_fd:
+            self._poller = select.poll()
+            self._poller.register(wire.fd, select.POLLIN | _POLLRDHUP)
+            self._poller.register(wake_fd, select.POLLIN)
+            self._poller_wake = wake_fd
+        while not wire.frames and wire.end is None:
+            events = self._poller.poll()
+            if any(fd == wake_fd for fd, _ in events):
+                return [], None
+            wire.ingest(max_bytes, wait=True)
+        frames = list(wire.frames)
+        wire.frames.clear()
+        self.handed_out += len(frames)
+        if self._hand_back and not wire.in_message:
+            wire.thread_owned = False
+        return frames, wire.end
+
+    def close(self) -> None:
+        """Nothing to release: the connection owns the fd."""
+
+
+class _Turns:
+    """The receivers of one connection end take turns, first come first served.
+
+    They all wait on one event loop at a time (the fd's readiness can be awaited by one task
+    only); a receiver on another thread's loop while the turns are taken gets
+    ``anyio.BusyResourceError``.
+    """
+
+    __slots__ = ("_thread", "_waiters", "busy")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self._thread = 0
+        self._waiters: deque[_Waiter] = deque()
+
+    async def acquire(self) -> None:
+        if not self.busy:
+            self.busy = True
+            self._thread = threading.get_ident()
+            return
+        if threading.get_ident() != self._thread:
+            raise anyio.BusyResourceError("receiving from (on another thread's event loop)")
+        loop = current_loop()
+        waiter = _Waiter(loop, 1)
+        self._waiters.append(waiter)
+        try:
+            await loop.park(waiter, self._abort)
+        except BaseException:
+            if waiter.items is not None:  # the turn was given to us: pass it on
+                self.release()
+            else:
+                waiter.dead = True
+            raise
+
+    @staticmethod
+    def _abort(waiter: _Waiter) -> None:
+        waiter.dead = True
+
+    def release(self) -> None:
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.dead:
+                waiter.items = []
+                waiter.loop.wake(waiter)
+                return
+        self.busy = False
+
+
+# --------------------------------------------------------------------------------------------
+# Connection
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConnectionStatistics:
+    """A snapshot of one connection end, as seen from the calling process
+    (``Connection.statistics()``)."""
+
+    #: Coroutines of this process waiting in ``recv()``/``recv_bytes()``.
+    waiting_receivers: int
+    #: Coroutines of this process waiting in ``send()``/``send_bytes()`` for their turn or for room.
+    waiting_senders: int
+    #: Messages this process has received and not handed out yet.
+    buffered: int
+    #: aioipc threads of this connection end running in this process.
+    threads: int
+
+
+_live_connections: weakref.WeakSet[Connection[Any, Any]] = weakref.WeakSet()
+
+
+def _reset_connections_after_fork() -> None:
+    for connection in list(_live_connections):
+        if not connection._closed:
+            connection._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_connections_after_fork)
+
+
+class Connection(Generic[SendT, RecvT]):
+    """One end of a connection between processes, with async ``send``/``recv`` and the blocking
+    :class:`multiprocessing.connection.Connection` as :attr:`sync`.
+
+    Make a pair with :func:`aioipc.Pipe`, adopt any multiprocessing connection with :meth:`wrap`,
+    or get one across hosts from :func:`aioipc.connect` or ``Listener.accept()``. It pickles into
+    child processes started with spawn or forkserver (pass it as an argument) and is inherited under
+    fork; there it works synchronously through :attr:`sync`, or asynchronously with the child's own
+    event loop. The peer may be a plain multiprocessing connection: the bytes on the wire are the
+    same.
+
+    ``Connection[SendT, RecvT]`` types what :meth:`send` takes and :meth:`recv` returns.
+
+    **End of file**: :meth:`recv` raises ``EOFError`` (and ``async for`` ends) once *every* copy of
+    the other end is closed, in every process, or its processes died. A child process holds copies
+    of the ends it was given, and under fork of every end the parent had: after starting a child,
+    the parent must close its own copy of the child's end (and a forked child the copies it does not
+    use), or EOF never arrives::
+
+        parent_end, child_end = aioipc.Pipe()
+        process = multiprocessing.Process(target=work, args=(child_end,))
+        process.start()
+        child_end.close()  # without this, parent_end never sees EOF
+    """
+
+    def __init__(
+        self, conn: mpc.Connection, *, _owner: bool = True, _readiness: bool | None = None
+    ) -> None:
+        if not isinstance(conn, mpc.Connection):
+            raise TypeError(
+                f"expected a multiprocessing.connection.Connection, not {type(conn).__name__}"
+            )
+        if conn.closed:
+            raise ValueError("the multiprocessing connection is closed")
+        self._conn = conn
+        self._fd = conn.fileno()
+        self._readiness = _HAVE_READINESS if _readiness is None else _readiness
+        self._can_recv = bool(conn.readable)
+        self._can_send = bool(conn.writable)
+        self._closed = False
+        self._owner_pid = os.getpid() if _owner else -1
+        self._reset_local()
+
+    def _reset_local(self) -> None:
+        """Per-process state, rebuilt in a forked child: what this process read, its threads."""
+        self._lock = threading.Lock()
+        self._wire = _Wire(self._fd, thread_owned=not self._readiness)
+        self._source = _WireSource(self._wire, hand_back=self._readiness)
+        self._reader: Reader[bytes] = Reader(self._source, name="connection", prefetch=0)
+        self._writer = Writer("connection")
+        self._turns = _Turns()
+        self._taken = 0  # frames taken from the reader thread
+        self._receiving = 0
+        self._checkpoints = Checkpointer()
+        self._in_poller = select.poll()
+        self._in_poller.register(self._fd, select.POLLIN | _POLLRDHUP)
+        self._atomic_nowait: bool | None = None
+        self._out_poller = select.poll()
+        self._out_poller.register(self._fd, select.POLLOUT)
+        self._epoll: Any = None
+        self._closing_fd = -1
+        self._waiting = False
+        self._watch_loop: asyncio.AbstractEventLoop | None = None
+        self._watch_future: asyncio.Future[None] | None = None
+        _live_connections.add(self)
+
+    def _after_fork(self) -> None:
+        if self._epoll is not None:  # the parent's: close this process's copies only
+            self._epoll.close()
+            os.close(self._closing_fd)
+        self._reset_local()
+
+    @classmethod
+    def wrap(cls, conn: mpc.Connection) -> Connection[Any, Any]:
+        """Adopt a :class:`multiprocessing.connection.Connection` (from ``multiprocessing.Pipe``,
+        a ``Listener`` or ``Client``...). The result owns it: :meth:`close` closes it. Until then
+        it stays usable synchronously as :attr:`sync` (while no coroutine receives from it)."""
+        obj: object = conn
+        if isinstance(obj, Connection):
+            raise TypeError("this is an aioipc connection already; use it as it is")
+        return cls(conn)
+
+    def __getstate__(self) -> mpc.Connection:
+        context.assert_spawning(self)
+        return self._conn
+
+    def __setstate__(self, conn: mpc.Connection) -> None:
+        self.__init__(conn, _owner=False)  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<aioipc.Connection closed at {id(self):#x}>"
+        mode = "".join(
+            name
+            for name, on in ((" readable", self._conn.readable), (" writable", self._conn.writable))
+            if on
+        )
+        return f"<aioipc.Connection fd={self._fd}{mode} at {id(self):#x}>"
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and self._owner_pid == os.getpid():
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
+
+    # -- properties --
+
+    @property
+    def sync(self) -> mpc.Connection:
+        """The :class:`multiprocessing.connection.Connection`, for synchronous code.
+
+        Do not receive from it while coroutines of this process receive from this connection, and
+        mind that messages this process has already read for them are not visible there.
+        """
+        return self._conn
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called in this process."""
+        return self._closed
+
+    @property
+    def readable(self) -> bool:
+        """True if this end can receive (False for the sending end of ``Pipe(duplex=False)``)."""
+        return bool(self._conn.readable)
+
+    @property
+    def writable(self) -> bool:
+        """True if this end can send (False for the receiving end of ``Pipe(duplex=False)``)."""
+        return bool(self._conn.writable)
+
+    def fileno(self) -> int:
+        """The file descriptor of the connection."""
+        self._check_open()
+        return self._fd
+
+    # -- sending --
+
+    async def send(self, obj: SendT) -> None:
+        """Send a picklable object to the other end.
+
+        ``obj`` is pickled here: an object that cannot be pickled raises ``TypeError`` (naming its
+        type) at this call, and the connection stays usable. Raises ``BrokenPipeError`` if the
+        other end is gone, :class:`aioipc.ClosedResourceError` after ``close()``. It never blocks
+        the event loop, however large the message and however full the pipe.
+
+        **Cancellation**: a message is sent whole or not at all. Cancelled while waiting for room
+        (or for earlier sends), it was not sent. Once it has started, it is finished in the
+        background even if the caller is cancelled.
+        """
+        if self._closed or not self._can_send:
+            self._check_writable()
+        if self._checkpoints.due():  # before sending: a send cancelled here was not sent
+            await self._checkpoints.checkpoint()
+        data = dumps(obj)
+        if not self._send_now(data):
+            await self._send_queued(data, owned=True)
+
+    async def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
+        """Send bytes from a bytes-like object: ``size`` bytes (default: all) from ``offset``.
+
+        The other end receives them with :meth:`recv_bytes` (or multiprocessing's
+        ``recv_bytes()``). Raises ``ValueError`` for an offset or size outside the buffer, and
+        otherwise as :meth:`send`.
+
+        **Cancellation**: as :meth:`send`. A message that cannot be written at once is copied
+        first (unless ``buf`` is ``bytes``), so the caller may reuse its buffer when this returns
+        or is cancelled.
+        """
+        self._check_writable()
+        view = memoryview(buf)
+        if view.itemsize > 1:
+            view = view.cast("B")
+        n = view.nbytes
+        if offset < 0:
+            raise ValueError("offset is negative")
+        if n < offset:
+            raise ValueError("buffer length < offset")
+        if size is None:
+            size = n - offset
+        elif size < 0:
+            raise ValueError("size is negative")
+        elif offset + size > n:
+            raise ValueError("buffer length < offset + size")
+        if self._checkpoints.due():
+            await self._checkpoints.checkpoint()
+        data = view[offset : offset + size]
+        if not self._send_now(data):
+            await self._send_queued(data, owned=isinstance(buf, bytes))
+
+    async def _send_queued(self, data: memoryview, *, owned: bool) -> None:
+        """Send through the writer thread, after the sends queued before."""
+        n = len(data)
+        header = _HEADER.pack(n) if n <= 0x7FFFFFFF else _HEADER.pack(-1) + _LONG_HEADER.pack(n)
+        payload = data if owned else memoryview(bytes(data))
+        await self._writer.run(lambda job: self._send_waiting(job, header, payload))
+
+    def _send_now(self, data: memoryview) -> bool:
+        """Write a small message on this thread if that cannot block; False if it must wait (it is
+        too large, earlier sends wait, or there is no room)."""
+        global _nowait_writes
+        if len(data) > INLINE_SEND_MAX - _HEADER.size or self._writer.busy:
+            return False
+        header = _HEADER.pack(len(data))
+        with self._lock:
+            if self._closed:
+                self._check_open()
+            fd = self._fd
+            if self._atomic_nowait is None:
+                self._atomic_nowait = _small_writes_are_atomic(fd)
+            if self._atomic_nowait and _nowait_writes:
+                try:
+                    written = os.pwritev(fd, [header, data], -1, _RWF_NOWAIT)
+                except BlockingIOError:
+                    return False
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    _nowait_writes = False  # an older kernel: poll for room first
+                else:
+                    if written < len(header) + len(data):  # not on Linux, which writes all or none
+                        _write_frame(fd, [header, data], written)
+                    return True
+            if not self._out_poller.poll(0):
+                return False
+            os.write(fd, header + data)
+            return True
+
+    def _send_waiting(self, job: Job[None], header: bytes, payload: memoryview) -> None:
+        """In the writer thread: wait for room (giving up if abandoned), then write the frame."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        while not poller.poll(POLL_SLICE * 1000):
+            if job.abandoned:
+                return
+        with self._lock:
+            if not job.commit():
+                return
+            fd = os.dup(self._fd)  # close() may close ours while this frame is being written
+        try:
+            _write_frame(fd, [header, payload])
+        finally:
+            os.close(fd)
+
+    # -- receiving --
+
+    async def recv(self) -> RecvT:
+        """Receive the next object sent by the other end, waiting for it.
+
+        Raises ``EOFError`` once every copy of the other end is closed (see the class docstring) or
+        its process died, :class:`aioipc.ClosedResourceError` after ``close()`` (also when it is
+        closed while waiting), and the unpickling error of a message that cannot be rebuilt here
+        (that message is consumed; the connection goes on).
+
+        **Cancellation**: a cancelled ``recv()`` loses nothing. A message is never left half-read:
+        what has arrived of it stays in this process for the next ``recv()``.
+        """
+        return ForkingPickler.loads(await self._recv_frame())  # type: ignore[no-any-return]
+
+    async def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        """Receive the next message sent with :meth:`send_bytes` (or any message, as bytes).
+
+        If ``maxlength`` is given and the message is longer, raises ``OSError`` as multiprocessing
+        does; the message is discarded and, unlike multiprocessing's, the connection stays readable.
+        Otherwise raises as :meth:`recv`.
+
+        **Cancellation**: as :meth:`recv`.
+        """
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        frame = await self._recv_frame()
+        if maxlength is not None and len(frame) > maxlength:
+            raise OSError(
+                f"bad message length: {len(frame)} bytes, more than maxlength={maxlength}"
+            )
+        return frame
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """True if a message (or the end of the stream) is there to receive.
+
+        With a ``timeout`` (seconds; ``None``: no limit) it blocks the calling thread until then,
+        as multiprocessing's ``poll`` does: in a coroutine keep the default 0, or await
+        :meth:`recv` under a timeout instead.
+        """
+        self._check_readable()
+        wire = self._wire
+        if self._reader.buffer or self._source.handed_out != self._taken or wire.frames:
+            return True
+        if wire.end is not None or wire.in_message:  # the end, or a message that began to arrive
+            return True
+        return bool(self._in_poller.poll(None if timeout is None else max(timeout, 0.0) * 1000))
+
+    async def _recv_frame(self) -> bytes:
+        if self._checkpoints.due():
+            await self._checkpoints.checkpoint()
+        if self._closed or not self._can_recv:
+            self._check_readable()
+        tried = False
+        if self._readiness:
+            if not self._turns.busy:
+                frame = self._recv_now()
+                if frame is not None:
+                    return frame
+                tried = True  # and the turn is free: wait at once
+        else:
+            try:
+                frame = self._reader.take_nowait()
+            except IndexError:
+                pass
+            else:
+                self._taken += 1
+                return frame
+        self._receiving += 1
+        try:
+            if not self._readiness:
+                return await self._take_from_thread()
+            await self._turns.acquire()
+            try:
+                return await self._recv_waiting(tried)
+            finally:
+                self._turns.release()
+        finally:
+            self._receiving -= 1
+
+    def _thread_has_wire(self) -> bool:
+        """True while the reader thread owns the receive state, or holds frames it read that this
+        process has not taken yet: the loop side must then take from the reader."""
+        return self._wire.thread_owned or self._source.handed_out != self._taken
+
+    def _recv_now(self) -> bytes | None:
+        """A frame already read or readable now, taken on the loop side without waiting; None if
+        there is none yet or the reader thread has the receive state."""
+        wire = self._wire
+        if wire.thread_owned or self._source.handed_out != self._taken:
+            return None
+        frames = wire.frames
+        with self._lock:
+            if self._closed:
+                self._check_open()
+            while not frames and wire.end is None:
+                if wire.message_size > LOOP_MESSAGE_MAX:
+                    wire.thread_owned = True  # the reader thread finishes this message
+                    return None
+                if not wire.ingest(READ_CHUNK, wait=False):
+                    return None
+            if frames:
+                return frames.popleft()
+            assert wire.end is not None
+            raise copy.copy(wire.end)
+
+    async def _recv_waiting(self, tried: bool) -> bytes:
+        """In this receiver's turn: wait for a frame (``tried``: nothing was there just now)."""
+        while True:
+            if not tried:
+                frame = self._recv_now()
+                if frame is not None:
+                    return frame
+            tried = False
+            if self._thread_has_wire():
+                return await self._take_from_thread()
+            await self._wait_readable()
+            self._checkpoints.reset()
+
+    async def _take_from_thread(self) -> bytes:
+        frame = (await self._reader.take(1))[0]
+        self._taken += 1
+        return frame
+
+    async def _wait_readable(self) -> None:
+        """Wait until the connection's fd is readable, or this end is closed.
+
+        The loop watches the private epoll fd. On asyncio the watch stays registered between
+        waits (saving two system calls per wait); a callback that finds nobody waiting on its loop
+        removes it, so data arriving between waits costs one wake-up at most.
+        """
+        with self._lock:
+            self._check_open()
+            if self._epoll is None:
+                self._epoll = select.epoll()
+                self._closing_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._epoll.register(self._fd, select.EPOLLIN | _EPOLLRDHUP)
+                self._epoll.register(self._closing_fd, select.EPOLLIN)
+            self._waiting = True
+            epfd = self._epoll.fileno()
+        loop: asyncio.AbstractEventLoop | None = None
+        try:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                import trio
+
+                await trio.lowlevel.wait_readable(epfd)
+            else:
+                if self._watch_loop is not loop:
+                    loop.add_reader(epfd, self._on_readable, loop)
+                    self._watch_loop = loop
+                self._watch_future = future = loop.create_future()
+                try:
+                    await future
+                finally:
+                    self._watch_future = None
+        finally:
+            with self._lock:
+                self._waiting = False
+                if self._closed:
+                    self._close_epoll()
+
+    def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``'s thread: the watched fd is readable (or this end was closed)."""
+        future = self._watch_future
+        if future is not None and future.get_loop() is loop:
+            if not future.done():
+                future.set_result(None)
+            return
+        with self._lock:  # nobody waits on this loop: stop watching, or the loop would spin
+            loop.remove_reader(self._epoll.fileno())
+            if self._watch_loop is loop:
+                self._watch_loop = None
+            if self._closed:
+                self._close_epoll()
+
+    def _close_epoll(self) -> None:
+        """Close the epoll fd of a closed end once no loop watches it (lock held)."""
+        if self._epoll is None or self._waiting:
+            return
+        watcher = self._watch_loop
+        if watcher is not None and not watcher.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is not watcher and watcher.is_running():
+                return  # the closing eventfd wakes the watch there, which closes it
+            watcher.remove_reader(self._epoll.fileno())
+        self._watch_loop = None
+        self._epoll.close()
+        os.close(self._closing_fd)
+        self._epoll = None
+        self._closing_fd = -1
+
+    def __aiter__(self) -> AsyncIterator[RecvT]:
+        return self
+
+    async def __anext__(self) -> RecvT:
+        try:
+            return await self.recv()
+        except EOFError:
+            raise StopAsyncIteration from None
+
+    # -- closing --
+
+    def close(self) -> None:
+        """Close this process's copy of the connection end. Idempotent, never blocks for long.
+
+        Coroutines waiting on it are woken with :class:`aioipc.ClosedResourceError`, later calls
+        raise it. Messages this process received and did not hand out are discarded. A send that
+        has started is finished in the background. The other end sees EOF once every copy of this
+        end is closed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close()
+        self._reader.close()
+        with self._lock:
+            if self._epoll is not None:
+                os.eventfd_write(self._closing_fd, 1)  # wakes a waiter, and the loop's watch
+                self._close_epoll()
+            self._conn.close()
+
+    async def aclose(self) -> None:
+        """Close the connection end (see :meth:`close`).
+
+        **Cancellation**: none needed; it closes at once, without waiting.
+        """
+        self.close()
+
+    async def __aenter__(self) -> Connection[SendT, RecvT]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"{self!r} was closed in this process")
+
+    def _check_readable(self) -> None:
+        self._check_open()
+        if not self._conn.readable:
+            raise OSError("connection is write-only")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if not self._conn.writable:
+            raise OSError("connection is read-only")
+
+    def statistics(self) -> ConnectionStatistics:
+        """A snapshot of this connection end as seen from this process."""
+        reader, writer = self._reader.statistics(), self._writer.statistics()
+        return ConnectionStatistics(
+            waiting_receivers=self._receiving,
+            waiting_senders=writer["waiting"],
+            buffered=len(self._wire.frames) + reader["buffered"],
+            threads=reader["threads"] + writer["threads"],
+        )
+
+
+def _write_frame(fd: int, chunks: list[bytes | memoryview], skip: int = 0) -> None:
+    """Write a whole frame (after its first ``skip`` bytes, already written) to a blocking fd."""
+    while chunks:
+        while chunks and skip >= len(chunks[0]):
+            skip -= len(chunks[0])
+            chunks.pop(0)
+        if skip:
+            chunks[0] = memoryview(chunks[0])[skip:]
+        if chunks:
+            skip = os.writev(fd, chunks)
+
+
+def _small_writes_are_atomic(fd: int) -> bool:
+    """True if a write of up to ``INLINE_SEND_MAX`` bytes to ``fd`` is all or nothing: a pipe
+    (``PIPE_BUF``), or a Unix socket whose send buffer takes it as one packet."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISFIFO(mode):
+        return True
+    if not stat.S_ISSOCK(mode):
+        return False
+    sock = socket.socket(fileno=fd)
+    try:
+        sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        return sock.family == socket.AF_UNIX and sndbuf >= 2 * (INLINE_SEND_MAX + 64)
+    finally:
+        sock.detach()
+
+
+def Pipe(
+    duplex: bool = True, *, ctx: Any = None
+) -> tuple[Connection[Any, Any], Connection[Any, Any]]:
+    """A pair of connected :class:`Connection` ends, like :func:`multiprocessing.Pipe`.
+
+    With ``duplex=True`` (the default) both ends send and receive. With ``duplex=False`` the first
+    end only receives and the second only sends: ``(receiving end, sending end)``. ``ctx`` is the
+    multiprocessing context (default: multiprocessing's default context).
+
+    Build the pair before starting the processes that use it, pass an end to each, and close in
+    each process the copies it does not use: EOF reaches one end only once every copy of the other
+    end is closed (see :class:`Connection`).
+    """
+    if ctx is None:
+        ctx = multiprocessing.get_context()
+    a, b = ctx.Pipe(duplex)
+    return Connection(a), Connection(b)
+
+
+# --------------------------------------------------------------------------------------------
+# Across hosts: multiprocessing's Listener and Client, with an async face
+# --------------------------------------------------------------------------------------------
+
+
+def _needs_authkey(address: Any, family: str | None) -> bool:
+    """True unless the address is a Unix socket in the file system (guarded by its permissions)."""
+    family = family or mpc.address_type(address)  # type: ignore[attr-defined]
+    if family != "AF_UNIX":
+        return True
+    return bool(isinstance(address, (str, bytes)) and address[:1] in ("\0", b"\0"))
+
+
+def _check_authkey(address: Any, family: str | None, authkey: bytes | None, insecure: bool) -> None:
+    if authkey is not None and not isinstance(authkey, bytes):
+        raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
+    if authkey is None and not insecure and _needs_authkey(address, family):
+        raise ValueError(
+            f"an authkey is required for {address!r}: a peer's messages are unpickled, which runs "
+            "code, so only authenticated peers may connect. Pass authkey=..., or insecure=True to "
+            "accept any peer that can reach the address"
+        )
+
+
+def _set_timeouts(conn: mpc.Connection, seconds: float) -> None:
+    """Bound (or, with 0, unbound) how long a blocking read or write of the socket may wait."""
+    sec = int(seconds)
+    value = struct.pack("ll", sec, int((seconds - sec) * 1_000_000))
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    finally:
+        sock.detach()
+
+
+def _authenticate(conn: mpc.Connection, authkey: bytes, timeout: float, *, server: bool) -> None:
+    """multiprocessing's mutual challenge, as its Listener (server) or Client does it."""
+    _set_timeouts(conn, timeout)
+    if server:
+        mpc.deliver_challenge(conn, authkey)
+        mpc.answer_challenge(conn, authkey)
+    else:
+        mpc.answer_challenge(conn, authkey)
+        mpc.deliver_challenge(conn, authkey)
+    _set_timeouts(conn, 0)
+
+
+async def connect(
+    address: Any,
+    *,
+    authkey: bytes | None = None,
+    family: str | None = None,
+    insecure: bool = False,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+) -> Connection[Any, Any]:
+    """Connect to a :func:`listen`-er (or a :class:`multiprocessing.connection.Listener`) at
+    ``address``: a ``(host, port)`` tuple for TCP, a path for a Unix socket.
+
+    With ``authkey``, both sides prove they know it (multiprocessing's challenge); the peer must use
+    the same key. An authkey is required except for a Unix socket path: pass ``insecure=True`` to
+    connect without one. Raises ``multiprocessing.AuthenticationError`` if the peer refuses the key
+    or does not know it, ``ConnectionRefusedError`` if nobody listens, ``TimeoutError`` if the
+    handshake stalls for ``handshake_timeout`` seconds.
+
+    **Cancellation**: connecting and the handshake run in a thread of their own; if cancelled, the
+    connection they make (if any) is closed.
+    """
+    _check_authkey(address, family, authkey, insecure)
+    writer = Writer("connect")
+    try:
+        conn = await writer.run(
+            lambda job: _connect_blocking(job, address, family, authkey, handshake_timeout)
+        )
+    finally:
+        writer.close()
+    return Connection(conn)
+
+
+def _connect_blocking(
+    job: Job[mpc.Connection],
+    address: Any,
+    family: str | None,
+    authkey: bytes | None,
+    timeout: float,
+) -> mpc.Connection:
+    conn = mpc.Client(address, family)
+    try:
+        if authkey is not None:
+            _authenticate(conn, authkey, timeout, server=False)
+    except BlockingIOError:
+        conn.close()
+        raise TimeoutError(f"the handshake with {address!r} took more than {timeout} s") from None
+    except BaseException:
+        conn.close()
+        raise
+    if not job.commit():
+        conn.close()
+    return conn
+
+
+@dataclass(frozen=True)
+class ListenerStatistics:
+    """A snapshot of a :class:`Listener` (``Listener.statistics()``)."""
+
+    #: Coroutines waiting in ``accept()``.
+    waiting_acceptors: int
+    #: Peers connected and not authenticated yet.
+    handshakes: int
+    #: Peers refused so far: wrong or no authkey, or a handshake that failed or stalled.
+    refused: int
+    #: aioipc threads of this listener running (the accepting thread and one per handshake).
+    threads: int
+
+
+class _AcceptSource:
+    """The reader thread's view of a listening socket: it accepts peers, authenticates each in a
+    thread of its own (so that a slow or hostile peer delays nobody else) and returns those that
+    passed."""
+
+    def __init__(self, sock: socket.socket, authkey: bytes | None, timeout: float) -> None:
+        self._sock = sock
+        self._authkey = authkey
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._ready: deque[mpc.Connection] = deque()
+        self._done_r, self._done_w = os.pipe()
+        os.set_blocking(self._done_r, False)
+        self.handshakes = 0
+        self.refused = 0
+        self._closed = False
+        self._poller: Any = None
+        self._poller_wake = -1
+
+    def read(
+        self, max_items: int, max_bytes: int, wake_fd: int
+    ) -> tuple[list[mpc.Connection], BaseException | None]:
+        if self._poller_wake != wake_fd:
+            self._poller = select.poll()
+            for fd in (self._sock.fileno(), self._done_r, wake_fd):
+                self._poller.register(fd, select.POLLIN)
+            self._poller_wake = wake_fd
+        while True:
+            with self._lock:
+                if self._ready:
+                    items = list(self._ready)
+                    self._ready.clear()
+                    return items, None
+            events = {fd for fd, _ in self._poller.poll()}
+            if wake_fd in events:
+                return [], None
+            if self._done_r in events:
+                os.read(self._done_r, 4096)
+            if self._sock.fileno() in events:
+                try:
+                    sock, _ = self._sock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue
+                sock.setblocking(True)
+                conn = mpc.Connection(sock.detach())
+                if self._authkey is None:
+                    return [conn], None
+                with self._lock:
+                    self.handshakes += 1
+                threading.Thread(
+                    target=self._handshake,
+                    args=(conn, self._authkey),
+                    name="aioipc-handshake",
+                    daemon=True,
+                ).start()
+
+    def _handshake(self, conn: mpc.Connection, authkey: bytes) -> None:
+        try:
+            _authenticate(conn, authkey, self._timeout, server=True)
+        except Exception:  # wrong key, a peer that speaks something else, or stalls: refused
+            conn.close()
+            ok = False
+        else:
+            ok = True
+        with self._lock:
+            self.handshakes -= 1
+            if not ok:
+                self.refused += 1
+            elif self._closed:
+                conn.close()
+            else:
+                self._ready.append(conn)
+            if not self._closed:
+                os.write(self._done_w, b"x")
+
+    def close(self) -> None:
+        """Nothing to release here: the listener stops this source with :meth:`stop`."""
+
+    def stop(self) -> list[mpc.Connection]:
+        """Stop taking peers; return those that passed and were not taken."""
+        with self._lock:
+            self._closed = True
+            items = list(self._ready)
+            self._ready.clear()
+            os.close(self._done_r)
+            os.close(self._done_w)
+        return items
+
+
+class Listener:
+    """Accepts connections from other processes or hosts: multiprocessing's
+    :class:`~multiprocessing.connection.Listener`, with an async :meth:`accept`. Made by
+    :func:`listen`.
+
+    Peers may be :func:`aioipc.connect` or plain :func:`multiprocessing.connection.Client` callers.
+    Accepting and authenticating run in threads of their own: a peer that fails the challenge (it
+    gets ``multiprocessing.AuthenticationError``) or stalls it is refused without delaying others.
+    """
+
+    def __init__(
+        self,
+        address: Any = None,
+        *,
+        authkey: bytes | None = None,
+        family: str | None = None,
+        insecure: bool = False,
+        backlog: int = 64,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        if address is None and family is None:
+            address = ("127.0.0.1", 0)
+        _check_authkey(address, family, authkey, insecure)
+        self._listener = mpc.Listener(address, family, backlog)
+        sock: socket.socket = self._listener._listener._socket  # type: ignore[attr-defined]
+        sock.setblocking(False)  # ours alone: accepting never waits in accept()
+        self._source = _AcceptSource(sock, authkey, handshake_timeout)
+        self._reader: Reader[mpc.Connection] = Reader(self._source, name="listener", prefetch=0)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"address={self.address!r}"
+        return f"<aioipc.Listener {state} at {id(self):#x}>"
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
+
+    def __getstate__(self) -> Any:
+        raise TypeError("a Listener cannot be passed to another process; listen there instead")
+
+    @property
+    def address(self) -> Any:
+        """The address peers connect to (with the port chosen by the system if 0 was given)."""
+        return self._listener.address
+
+    async def accept(self) -> Connection[Any, Any]:
+        """Wait for the next peer that connects (and passes the challenge, with an authkey).
+
+        Raises :class:`aioipc.ClosedResourceError` after ``close()``, also when closed while
+        waiting.
+
+        **Cancellation**: safe; a peer accepted for a cancelled call goes to the next one.
+        """
+        self._check_open()
+        return Connection((await self._reader.take(1))[0])
+
+    def __aiter__(self) -> AsyncIterator[Connection[Any, Any]]:
+        return self
+
+    async def __anext__(self) -> Connection[Any, Any]:
+        try:
+            return await self.accept()
+        except ClosedResourceError:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        """Stop listening (a Unix socket's file is removed). Idempotent. Waiting :meth:`accept`
+        calls raise :class:`aioipc.ClosedResourceError`; connections already accepted stay open."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in self._reader.close() + self._source.stop():
+            conn.close()
+        self._listener.close()
+
+    async def aclose(self) -> None:
+        """Close the listener (see :meth:`close`).
+
+        **Cancellation**: none needed; it closes at once, without waiting.
+        """
+        self.close()
+
+    async def __aenter__(self) -> Listener:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"{self!r} was closed")
+
+    def statistics(self) -> ListenerStatistics:
+        """A snapshot of this listener."""
+        reader = self._reader.statistics()
+        with self._source._lock:
+            handshakes, refused = self._source.handshakes, self._source.refused
+        return ListenerStatistics(
+            waiting_acceptors=reader["waiting"],
+            handshakes=handshakes,
+            refused=refused,
+            threads=reader["threads"] + handshakes,
+        )
+
+
+def listen(
+    address: Any = None,
+    *,
+    authkey: bytes | None = None,
+    family: str | None = None,
+    insecure: bool = False,
+    backlog: int = 64,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+) -> Listener:
+    """Listen for connections at ``address``: a ``(host, port)`` tuple for TCP (port 0: any free
+    port, see ``listener.address``), a path for a Unix socket. The default is TCP on the loopback
+    interface, any free port.
+
+    With ``authkey``, every peer must prove it knows the key (multiprocessing's mutual challenge).
+    An authkey is required except for a Unix socket path (guarded by the file's permissions): a
+    peer's messages are unpickled, which runs code. Pass ``insecure=True`` to accept any peer.
+    A handshake that stalls for ``handshake_timeout`` seconds is refused.
+
+    Use it as ``async with aioipc.listen(...) as listener:``, then ``await listener.accept()`` or
+    ``async for conn in listener``.
+    """
+    return Listener(
+        address,
+        authkey=authkey,
+        family=family,
+        insecure=insecure,
+        backlog=backlog,
+        handshake_timeout=handshake_timeout,
+    )
+
+
+__all__ = [
+    "Connection",
+    "ConnectionStatistics",
+    "Listener",
+    "ListenerStatistics",
+    "Pipe",
+    "connect",
+    "listen",
+]
