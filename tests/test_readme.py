@@ -1,4 +1,4 @@
-"""The README's example runs and prints what it says."""
+"""The README's examples run and print what they say."""
 
 from __future__ import annotations
 
@@ -12,12 +12,23 @@ import pytest
 README = Path(__file__).parent.parent / "README.md"
 
 
+#: The README's complete programs (its other code blocks are fragments).
+EXAMPLES = [
+    block
+    for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+    if 'if __name__ == "__main__":' in block
+]
+
+
 @pytest.mark.timeout(60)
-def test_the_readme_example_runs(tmp_path: Path) -> None:
-    example = re.search(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
-    assert example is not None
+@pytest.mark.parametrize(
+    ("index", "expected"),
+    [(0, "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]\n"), (1, "0\n1\n4\n")],
+    ids=["queues", "pipes"],
+)
+def test_a_readme_example_runs(tmp_path: Path, index: int, expected: str) -> None:
     script = tmp_path / "example.py"
-    script.write_text(example.group(1))
+    script.write_text(EXAMPLES[index])
     result = subprocess.run(
         [sys.executable, "-W", "error", str(script)],
         capture_output=True,
@@ -26,5 +37,5 @@ def test_the_readme_example_runs(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]\n"
+    assert result.stdout == expected
     assert result.stderr == ""
