@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copyreg
 import multiprocessing
 import pickle
 import threading
@@ -289,6 +290,25 @@ async def test_an_item_that_cannot_be_rebuilt_raises_at_its_get_and_the_queue_go
     with pytest.raises(RuntimeError, match="cannot rebuild"):
         await queue.get()
     assert await queue.get() == 3
+
+
+class RegisteredLater:
+    """Pickled through a reducer registered with copyreg after the queue was first used."""
+
+
+def _rebuild_registered_later() -> str:
+    return "rebuilt by the registered reducer"
+
+
+async def test_a_reducer_registered_after_first_use_is_honoured(queue: aioipc.Queue[Any]) -> None:
+    await queue.put(1)
+    assert await queue.get() == 1
+    copyreg.pickle(RegisteredLater, lambda obj: (_rebuild_registered_later, ()))
+    try:
+        await queue.put(RegisteredLater())
+        assert await queue.get() == "rebuilt by the registered reducer"
+    finally:
+        del copyreg.dispatch_table[RegisteredLater]
 
 
 # -- shutdown --

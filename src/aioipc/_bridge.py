@@ -405,7 +405,7 @@ class Reader(_Hub, Generic[T]):
         name: str,
         prefetch: int,
         max_batch: int = 256,
-        max_batch_bytes: int = 256 * 1024,
+        max_batch_bytes: int = 1024 * 1024,
     ) -> None:
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, not {prefetch}")

@@ -16,8 +16,10 @@ big-endian length (or -1 and an 8-byte length), then the pickle.
 from __future__ import annotations
 
 import collections
+import copyreg
 import errno
 import fcntl
+import io
 import os
 import select
 import struct
@@ -38,6 +40,8 @@ T = TypeVar("T")
 
 _HEADER = struct.Struct("!i")
 _LONG_HEADER = struct.Struct("!Q")
+#: A frame's body as read from the pipe.
+Frame = bytes | bytearray | memoryview
 #: How long a blocked call sleeps at most before it looks at the shared shutdown flag again.
 POLL_SLICE = 0.05
 
@@ -84,10 +88,45 @@ class EndMarker:
         self.error = error
 
 
+class _Pickling(threading.local):
+    """One reusable pickler per thread: building a ForkingPickler copies the reducer tables,
+    which costs more than pickling a small object. It is rebuilt when reducers were registered
+    since (``copyreg.pickle``, ``ForkingPickler.register``)."""
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.build()
+
+    def build(self) -> None:
+        self.buffer = io.BytesIO()
+        self.pickler = ForkingPickler(self.buffer)
+        self.tables = _reducer_tables()
+
+
+def _reducer_tables() -> tuple[int, int]:
+    return len(copyreg.dispatch_table), len(getattr(ForkingPickler, "_extra_reducers", ()))
+
+
+_pickling = _Pickling()
+
+
 def dumps(obj: object) -> memoryview:
     """Pickle ``obj`` for another process, or raise TypeError naming its type."""
+    state = _pickling
     try:
-        return ForkingPickler.dumps(obj)
+        if state.busy:  # called from inside a __reduce__ of the object being pickled
+            return ForkingPickler.dumps(obj)
+        if state.tables != _reducer_tables():
+            state.build()
+        state.busy = True
+        try:
+            state.pickler.dump(obj)
+            return memoryview(state.buffer.getvalue())
+        finally:
+            state.buffer.seek(0)
+            state.buffer.truncate()
+            state.pickler.clear_memo()
+            state.busy = False
     except Exception as exc:
         raise TypeError(
             f"cannot send a {type(obj).__module__}.{type(obj).__qualname__} object to another "
@@ -95,7 +134,7 @@ def dumps(obj: object) -> memoryview:
         ) from exc
 
 
-def loads(frame: bytes | memoryview) -> Any:
+def loads(frame: Frame) -> Any:
     try:
         return ForkingPickler.loads(frame)
     except Exception as exc:
@@ -109,11 +148,23 @@ def frame(data: bytes | memoryview) -> list[bytes | memoryview]:
     return [_HEADER.pack(n), data]
 
 
+#: A chunk this large is written as it is; smaller ones are joined into few ``write`` calls.
+_JOIN_MAX = 16 * 1024
+
+
 def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write whole frames to a blocking fd, joining small ones into few ``write`` calls."""
+    """Write whole frames to the pipe: small chunks joined into few ``write`` calls, large ones
+    written without a copy."""
     pending: list[bytes | memoryview] = []
     size = 0
     for chunk in chunks:
+        if len(chunk) >= _JOIN_MAX:
+            if pending:
+                _write(fd, b"".join(pending))
+                pending.clear()
+                size = 0
+            _write(fd, chunk)
+            continue
         pending.append(chunk)
         size += len(chunk)
         if size >= 65536:
@@ -124,7 +175,7 @@ def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
         _write(fd, b"".join(pending))
 
 
-def _write(fd: int, buf: bytes) -> None:
+def _write(fd: int, buf: bytes | memoryview) -> None:
     """Write all of ``buf`` to the queue's pipe, whose write end is non-blocking: wait for room."""
     view = memoryview(buf)
     while view:
@@ -138,10 +189,36 @@ def _write(fd: int, buf: bytes) -> None:
 _ATOMIC_FRAME = getattr(select, "PIPE_BUF", 512)
 
 
+#: Bytes a queue's pipe may hold once large items go through it (Linux lets an unprivileged
+#: process go up to pipe-max-size, 1 MiB by default): room for several large items, so that a
+#: reader takes them in one batch. Pipes count against a per-user budget (64 MiB by default), so
+#: a queue's pipe grows only when the first item that would not fit the default size is put.
+PIPE_SIZE = 1 << 20
+
+
+def _grow_pipe(fd: int) -> None:
+    """Enlarge a pipe's buffer where the platform allows it (Linux); keep the default otherwise."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is not None:
+        try:
+            fcntl.fcntl(fd, set_size, PIPE_SIZE)
+        except OSError:  # over pipe-max-size or the per-user pipe quota: the default still works
+            pass
+
+
 def available(fd: int) -> int:
     """Bytes waiting in a pipe or socket (FIONREAD)."""
     buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     return int.from_bytes(buf, sys.byteorder, signed=True)
+
+
+def _read_into(fd: int, view: memoryview) -> None:
+    """Fill ``view`` from a blocking fd."""
+    while view:
+        n = os.readv(fd, [view])
+        if not n:
+            raise OSError("got end of file during message")
+        view = view[n:]
 
 
 def read_exact(fd: int, n: int) -> bytes:
@@ -159,24 +236,55 @@ def read_exact(fd: int, n: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def read_frame(fd: int) -> bytes:
-    """One whole frame, blocking until it has arrived."""
+def _read_size(fd: int) -> int:
+    """Read a frame header from a blocking fd: the size of the body that follows."""
     (size,) = _HEADER.unpack(read_exact(fd, 4))
     if size == -1:
         (size,) = _LONG_HEADER.unpack(read_exact(fd, 8))
-    return read_exact(fd, size)
+    return size  # type: ignore[no-any-return]
 
 
-def read_frames(fd: int, max_bytes: int) -> list[bytes | memoryview]:
+def _read_body(fd: int, size: int) -> Frame:
+    if size < _JOIN_MAX:
+        return read_exact(fd, size)
+    body = bytearray(size)
+    _read_into(fd, memoryview(body))
+    return body
+
+
+def read_frame(fd: int) -> Frame:
+    """One whole frame, blocking until it has arrived."""
+    return _read_body(fd, _read_size(fd))
+
+
+#: A frame this large is read alone, straight into its own buffer (never through a batch read).
+_ALONE_FRAME = 256 * 1024
+
+
+def read_frames(fd: int, max_bytes: int) -> list[Frame]:
     """The frames already in the pipe (at least one byte must be there), reading at most about
     ``max_bytes``; a frame that has only partly arrived is completed (blocking), never split."""
-    chunk = os.read(fd, max(min(available(fd), max_bytes), 4))
-    if not chunk:
-        raise EOFError
+    size = _read_size(fd)
+    if size >= _ALONE_FRAME:
+        return [_read_body(fd, size)]
+    chunk = os.read(fd, max(min(available(fd), max_bytes), size))
+    if not chunk and size:
+        raise OSError("got end of file during message")
     view = memoryview(chunk)
-    frames: list[bytes | memoryview] = []
+    frames: list[Frame] = []
     pos, end = 0, len(chunk)
-    while pos < end:
+    while True:
+        if end - pos >= size:
+            frames.append(view[pos : pos + size])
+            pos += size
+        else:  # the rest of the frame is on its way: read it straight into one buffer
+            body = bytearray(size)
+            body[: end - pos] = view[pos:end]
+            _read_into(fd, memoryview(body)[end - pos :])
+            frames.append(body)
+            pos = end
+        if pos >= end:
+            return frames
         if end - pos < 4:
             rest = read_exact(fd, 4 - (end - pos))
             (size,) = _HEADER.unpack(bytes(view[pos:]) + rest)
@@ -190,14 +298,6 @@ def read_frames(fd: int, max_bytes: int) -> list[bytes | memoryview]:
             (size,) = _LONG_HEADER.unpack(
                 have + read_exact(fd, 8 - len(have)) if len(have) < 8 else have
             )
-        if end - pos >= size:
-            frames.append(view[pos : pos + size])
-            pos += size
-        else:
-            have_body = view[pos:end]
-            frames.append(bytes(have_body) + read_exact(fd, size - len(have_body)))
-            pos = end
-    return frames
 
 
 class _Feeder:
@@ -323,6 +423,7 @@ class SyncQueue(Generic[T]):
         self._poller: Any = None
         self._poller_fd = -1
         self._join_feeder_at_exit = True
+        self._pipe_grown = False
         _live_queues.add(self)
 
     def __getstate__(self) -> tuple[Any, ...]:
@@ -407,6 +508,9 @@ class SyncQueue(Generic[T]):
 
     def _feed_raw(self, data: memoryview | bytes) -> None:
         """Write a pickle to the pipe now if that cannot block, else hand it to the feeder."""
+        if len(data) >= _JOIN_MAX and not self._pipe_grown:
+            _grow_pipe(self._writer.fileno())
+            self._pipe_grown = True
         feeder = self._feeder
         if (
             len(data) <= _ATOMIC_FRAME - 4
@@ -498,7 +602,7 @@ class SyncQueue(Generic[T]):
                 if not available(fd):
                     continue  # another process took it
                 if max_items == 1:
-                    frames: list[bytes | memoryview] = [read_frame(fd)]
+                    frames: list[Frame] = [read_frame(fd)]
                 else:
                     frames = read_frames(fd, max_bytes)
             finally:
@@ -507,7 +611,7 @@ class SyncQueue(Generic[T]):
             return self._decode(frames, release_room=False)
 
     def _decode(
-        self, frames: list[bytes | memoryview], *, release_room: bool = True
+        self, frames: list[Frame], *, release_room: bool = True
     ) -> tuple[list[T], BaseException | None]:
         """Unpickle frames just read; account for them; recognise the shutdown marker."""
         end: BaseException | None = None

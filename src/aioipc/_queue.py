@@ -234,7 +234,8 @@ class Queue(Generic[T]):
         **Cancellation**: if cancelled while waiting for room, the item was not put. Once room is
         found the item goes in at once; the item is never put twice.
         """
-        await self._checkpoints.tick()
+        if self._checkpoints.due():
+            await self._checkpoints.checkpoint()
         self._check_open()
         channel = self._channel
         if isinstance(channel, SyncQueue):
