@@ -295,9 +295,13 @@ async def test_an_item_that_cannot_be_rebuilt_raises_at_its_get_and_the_queue_go
 class RegisteredLater:
     """Pickled through a reducer registered with copyreg after the queue was first used."""
 
+    rebuilt_by_the_reducer = False
 
-def _rebuild_registered_later() -> str:
-    return "rebuilt by the registered reducer"
+
+def _rebuild_registered_later() -> RegisteredLater:
+    obj = RegisteredLater()
+    obj.rebuilt_by_the_reducer = True
+    return obj
 
 
 async def test_a_reducer_registered_after_first_use_is_honoured(queue: aioipc.Queue[Any]) -> None:
@@ -306,7 +310,7 @@ async def test_a_reducer_registered_after_first_use_is_honoured(queue: aioipc.Qu
     copyreg.pickle(RegisteredLater, lambda obj: (_rebuild_registered_later, ()))
     try:
         await queue.put(RegisteredLater())
-        assert await queue.get() == "rebuilt by the registered reducer"
+        assert (await queue.get()).rebuilt_by_the_reducer
     finally:
         del copyreg.dispatch_table[RegisteredLater]
 
