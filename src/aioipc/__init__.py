@@ -11,8 +11,11 @@ from ._exceptions import BrokenResourceError as BrokenResourceError
 from ._exceptions import ClosedResourceError as ClosedResourceError
 from ._exceptions import Empty as Empty
 from ._exceptions import Full as Full
+from ._exceptions import ProcessFailed as ProcessFailed
 from ._exceptions import ShutDown as ShutDown
 from ._mpqueue import SyncQueue as SyncQueue
+from ._process import Process as Process
+from ._process import open_process as open_process
 from ._queue import JoinableQueue as JoinableQueue
 from ._queue import Queue as Queue
 from ._queue import QueueStatistics as QueueStatistics
@@ -28,12 +31,15 @@ __all__ = [
     "Listener",
     "ListenerStatistics",
     "Pipe",
+    "Process",
+    "ProcessFailed",
     "Queue",
     "QueueStatistics",
     "ShutDown",
     "SyncQueue",
     "connect",
     "listen",
+    "open_process",
 ]
 
 for _name in __all__:

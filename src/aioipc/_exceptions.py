@@ -13,7 +13,14 @@ import sys
 
 import anyio
 
-__all__ = ["BrokenResourceError", "ClosedResourceError", "Empty", "Full", "ShutDown"]
+__all__ = [
+    "BrokenResourceError",
+    "ClosedResourceError",
+    "Empty",
+    "Full",
+    "ProcessFailed",
+    "ShutDown",
+]
 
 _shutdown_bases: tuple[type[Exception], ...]
 if sys.version_info >= (3, 13):
@@ -61,6 +68,25 @@ class BrokenResourceError(anyio.BrokenResourceError):
     """
 
 
-for _cls in (Empty, Full, ShutDown, ClosedResourceError, BrokenResourceError):
+class ProcessFailed(Exception):
+    """Raised when a worker process run by ``aioipc.open_process`` exited with a non-zero exit code:
+    its target raised, it called ``sys.exit(n)``, or a signal killed it.
+
+    ``exitcode`` is the exit code (``-N`` for signal ``N``); the message names the process.
+    """
+
+    def __init__(self, message: str, exitcode: int) -> None:
+        super().__init__(message, exitcode)
+
+    @property
+    def exitcode(self) -> int:
+        """The exit code of the process (``-N`` if signal ``N`` killed it)."""
+        return int(self.args[1])
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+for _cls in (Empty, Full, ShutDown, ClosedResourceError, BrokenResourceError, ProcessFailed):
     _cls.__module__ = "aioipc"
 del _cls

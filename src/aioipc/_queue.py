@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing import context
 from multiprocessing.managers import BaseProxy
+from multiprocessing.process import BaseProcess
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ._bridge import Checkpointer, Job, Reader, Writer
 from ._exceptions import ClosedResourceError, Empty, Full, ShutDown
 from ._mpqueue import POLL_SLICE, SHUTDOWN_MARKER, SyncQueue, UnpicklingFailed, dumps
+from ._process import link_producers
 
 T = TypeVar("T")
 _Q = TypeVar("_Q", bound="Queue[Any]")
@@ -385,6 +387,19 @@ class Queue(Generic[T]):
         self._channel.shutdown(immediate)
         if immediate:
             self._reader.end(ShutDown(), discard=True)
+
+    def link(self, *producers: BaseProcess) -> None:
+        """Supervise the processes that put items into this queue (started by this process).
+
+        Once every linked process has exited, getters in every process receive the items still
+        queued, then :class:`aioipc.BrokenResourceError` naming the processes and their exit
+        codes, instead of waiting forever. After :meth:`shutdown` they end with ``ShutDown`` as
+        usual. A producer killed inside ``put`` in the middle of an item cuts the stream: getters
+        of this process then raise ``BrokenResourceError`` at once. Not for queues adopted by
+        :meth:`wrap`.
+        """
+        self._check_open()
+        link_producers(self, producers)
 
     # -- closing --
 

@@ -1,0 +1,642 @@
+"""Worker processes that coroutines can await, and supervision of the queues they feed.
+
+:class:`Process` is a :mod:`multiprocessing` process whose exit a coroutine awaits on the process
+sentinel (a file descriptor that becomes readable when the process ends) through the event loop:
+no thread and no polling per process. :func:`open_process` ties a process's life to a block.
+
+Supervision (``Queue.link``) needs to notice exits that nobody awaits, so it uses one watcher thread
+per process (started while something is watched, gone when nothing is). It reads exit codes without
+racing the thread that owns the process object (an :class:`aioipc.Process` serialises its polls;
+other processes are peeked at without reaping them). When every producer linked to a queue has
+exited, the watcher appends an end marker
+to the queue's stream: it travels behind every item the producers wrote, so each reader, in any
+process, hands out those items first, then raises :class:`aioipc.BrokenResourceError`.
+
+A producer killed inside ``put`` may leave one of the queue's locks taken for good: the state lock
+(a few counters) or the write lock. The watcher gives back a lock that no live process would hold
+that long, once the stream is at an item boundary; if the producer died in the middle of writing an
+item, the stream is cut and cannot be repaired: the getters of this process are ended at once.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager, suppress
+from multiprocessing import context as mp_context
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._bridge import LoopHandle, current_loop
+from ._exceptions import BrokenResourceError, ProcessFailed
+from ._mpqueue import EndMarker, SyncQueue, available, dumps
+
+if TYPE_CHECKING:
+    from ._queue import Queue
+
+__all__ = ["Process", "link_producers", "open_process"]
+
+#: How often the watcher thread steps its pending work (settling exit codes, checking locks).
+_STEP = 0.02
+#: How long a sentinel may have fired before the exit code can be read (the process is still
+#: finishing its exit); after that the code is reported as unknown.
+_SETTLE_LIMIT = 1.0
+#: A queue lock that no live process would hold this long (the state lock; the write lock while
+#: the stream is at an item boundary), seen taken in _STREAK_ROUNDS rounds in a row spanning at
+#: least _ORPHAN_SECONDS, belongs to a dead producer and is given back.
+_STREAK_ROUNDS = 10
+_ORPHAN_SECONDS = 0.2
+#: Read and write locks taken and nothing in the pipe, round after round for this long: a reader
+#: is stuck in the middle of an item whose writer died.
+_STUCK_SECONDS = 0.5
+
+
+# --------------------------------------------------------------------------------------------
+# Exit codes
+# --------------------------------------------------------------------------------------------
+
+
+def describe_exit(name: str, pid: int | None, exitcode: int | None) -> str:
+    """``"worker (pid 42) was killed by SIGKILL"`` and the like."""
+    who = f"{name} (pid {pid})"
+    if exitcode is None:
+        return f"{who} exited (exit code unknown)"
+    if exitcode < 0:
+        try:
+            signame = signal.Signals(-exitcode).name
+        except ValueError:
+            signame = f"signal {-exitcode}"
+        return f"{who} was killed by {signame} (exit code {exitcode})"
+    return f"{who} exited with code {exitcode}"
+
+
+def _read_exitcode(process: BaseProcess, pid: int) -> int | None:
+    """The exit code of a process whose sentinel fired, or None if it cannot be read (yet).
+
+    Called from the watcher thread, it must not race with the thread that owns the process object:
+    two concurrent ``waitpid`` calls make one of them see a running process, and two concurrent
+    reads of a fork-server child's status make one of them report 255. An :class:`aioipc.Process`
+    serialises its polls, so its code is read as usual when its owner is not polling; for other
+    multiprocessing processes the code is peeked at without reaping (not possible for fork-server
+    children: their code is known only once their owner has collected it).
+    """
+    guard: threading.RLock | None = getattr(process, "_poll_guard", None)
+    if guard is not None:
+        if not guard.acquire(False):  # the owner is polling it right now
+            return None
+        try:
+            return process.exitcode
+        finally:
+            guard.release()
+    popen = getattr(process, "_popen", None)
+    code: int | None = getattr(popen, "returncode", None)
+    if code is not None or popen is None or getattr(popen, "method", None) == "forkserver":
+        return code
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped by the owner: its returncode is set in a moment
+        return None
+    if info is None:  # the sentinel fired a moment before the process became a zombie
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return int(info.si_status)
+    return -int(info.si_status)
+
+
+# --------------------------------------------------------------------------------------------
+# The watcher thread
+# --------------------------------------------------------------------------------------------
+
+
+class _Watch:
+    """One process watched by the watcher thread (which owns ``fd``, a duplicate of the sentinel,
+    so that closing the process object does not pull the descriptor from under it)."""
+
+    __slots__ = ("active", "callback", "fd", "fired", "name", "pid", "process")
+
+    def __init__(
+        self, process: BaseProcess, callback: Callable[[_Watch, int | None], None]
+    ) -> None:
+        self.process = process
+        self.name = process.name
+        self.pid: int = process.pid  # type: ignore[assignment]  # started: checked by the caller
+        self.fd = os.dup(process.sentinel)
+        self.callback = callback
+        self.fired = 0.0
+        self.active = True
+
+
+class _Watcher:
+    """Waits for the sentinels of watched processes and runs periodic jobs, in one thread.
+
+    Callbacks and jobs run in that thread and must not block for long. A job is a callable
+    returning True once it is done; it is called every ``_STEP`` seconds until then.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._watching: dict[int, _Watch] = {}
+        self._settling: list[_Watch] = []
+        self._jobs: list[Callable[[], bool]] = []
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+
+    def after_fork_in_child(self) -> None:
+        # The watched processes are the parent's children; so are the thread and its pipe.
+        for fd in (*self._watching, *(w.fd for w in self._settling), self._wake_r, self._wake_w):
+            if fd >= 0:
+                with suppress(OSError):  # the parent's thread was closing it as we forked
+                    os.close(fd)
+        self._lock = threading.Lock()
+        self._reset()
+
+    def watch(self, process: BaseProcess, callback: Callable[[_Watch, int | None], None]) -> _Watch:
+        """Call ``callback(watch, exitcode)`` in the watcher thread once ``process`` has exited
+        (``exitcode`` None if it cannot be known)."""
+        watch = _Watch(process, callback)
+        with self._lock:
+            self._watching[watch.fd] = watch
+            self._kick()
+        return watch
+
+    def cancel(self, watch: _Watch) -> None:
+        """Forget ``watch`` (its callback will not run, unless it is running already)."""
+        with self._lock:
+            watch.active = False
+            if self._thread is not None:
+                self._kick()
+
+    def add_job(self, job: Callable[[], bool]) -> None:
+        with self._lock:
+            self._jobs.append(job)
+            self._kick()
+
+    def _kick(self) -> None:
+        """Start the thread, or make it look at its work again (lock held)."""
+        if self._thread is None:
+            self._wake_r, self._wake_w = os.pipe()
+            os.set_blocking(self._wake_w, False)
+            self._thread = threading.Thread(
+                target=self._run, name="aioipc-process-watcher", daemon=True
+            )
+            self._thread.start()
+        else:
+            with suppress(BlockingIOError):  # plenty of wake-ups are pending already
+                os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                for fd, watch in list(self._watching.items()):
+                    if not watch.active:
+                        del self._watching[fd]
+                        os.close(fd)
+                if not (self._watching or self._settling or self._jobs):
+                    os.close(self._wake_r)
+                    os.close(self._wake_w)
+                    self._reset()
+                    return
+                poller = select.poll()
+                for fd in (self._wake_r, *self._watching):
+                    poller.register(fd, select.POLLIN)
+                pending = bool(self._settling or self._jobs)
+                wake_r = self._wake_r
+            events = poller.poll(_STEP * 1000 if pending else None)
+            now = time.monotonic()
+            with self._lock:
+                for fd, _ in events:
+                    if fd == wake_r:
+                        _drain(wake_r)
+                        continue
+                    fired = self._watching.pop(fd, None)
+                    if fired is not None:
+                        fired.fired = now
+                        self._settling.append(fired)
+                jobs = list(self._jobs)
+            self._settle(now)
+            done = [job for job in jobs if job()]
+            if done:
+                with self._lock:
+                    for job in done:
+                        self._jobs.remove(job)
+
+    def _settle(self, now: float) -> None:
+        """Read the exit codes of the processes whose sentinels fired; run their callbacks."""
+        for watch in list(self._settling):
+            code: int | None = None
+            if watch.active:
+                code = _read_exitcode(watch.process, watch.pid)
+                if code is None and now - watch.fired < _SETTLE_LIMIT:
+                    continue
+            self._settling.remove(watch)
+            os.close(watch.fd)
+            if watch.active:
+                watch.callback(watch, code)
+
+
+def _drain(fd: int) -> None:
+    with suppress(BlockingIOError):
+        os.read(fd, 4096)
+
+
+_watcher = _Watcher()
+
+
+# --------------------------------------------------------------------------------------------
+# Process
+# --------------------------------------------------------------------------------------------
+
+
+class Process(BaseProcess):
+    """A :mod:`multiprocessing` process whose exit coroutines can await.
+
+    It is made by ``ctx``, a multiprocessing context (default: the default context, resolved when
+    the process starts, like :class:`multiprocessing.Process`), and has the whole interface of a
+    multiprocessing process (``start``, ``join``, ``terminate``, ``kill``, ``exitcode``...), plus
+    :meth:`wait` and :meth:`stop`. Unlike multiprocessing's, ``exitcode`` still answers after
+    ``close()``.
+
+    Use :func:`open_process` to tie a process to a block. Like any multiprocessing process, the
+    target must be picklable by reference (a module-level function) under spawn and forkserver.
+    """
+
+    _closed: bool  # set by multiprocessing
+    _poll_guard: threading.RLock  # set once started
+
+    def __init__(
+        self,
+        group: None = None,
+        target: Callable[..., object] | None = None,
+        name: str | None = None,
+        args: Iterable[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        daemon: bool | None = None,
+        ctx: Any = None,
+    ) -> None:
+        super().__init__(group, target, name, args, kwargs or {}, daemon=daemon)
+        self._kind: Any = mp_context.Process if ctx is None else ctx.Process
+        self._start_method: str | None = self._kind._start_method
+        self._final_exitcode: int | None = None
+        self._forced: str | None = None
+        self._loops_on_sentinel: set[LoopHandle] = set()
+
+    # How multiprocessing starts the process and sets the child up: as the context's own class.
+    @staticmethod
+    def _Popen(process_obj: Process) -> Any:
+        popen = process_obj._kind._Popen(process_obj)
+        # Serialise polls (exitcode, join, is_alive, multiprocessing's own clean-up) so that the
+        # watcher thread may read the exit code too (made after launch: a lock does not pickle).
+        guard = process_obj._poll_guard = threading.RLock()
+        poll = popen.poll
+
+        def serialized_poll(flag: int = os.WNOHANG) -> int | None:
+            with guard:
+                return poll(flag)  # type: ignore[no-any-return]
+
+        popen.poll = serialized_poll
+        return popen
+
+    def _after_fork(self) -> None:
+        self._kind._after_fork()
+
+    def __repr__(self) -> str:
+        return "<aioipc." + super().__repr__()[1:]
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit code: None while running, negative ``-N`` if killed by signal ``N``."""
+        if self._closed:
+            return self._final_exitcode
+        return super().exitcode
+
+    def close(self) -> None:
+        """Release the process object's resources (its sentinel). The process must have exited;
+        ``exitcode`` keeps its value."""
+        if not self._closed:
+            self._final_exitcode = super().exitcode
+        super().close()
+
+    async def wait(self) -> int:
+        """Wait for the process to exit and return its exit code (``-N`` if signal ``N`` killed it).
+
+        The event loop watches the process sentinel: no thread and no polling. If another task of
+        the same event loop already waits on this process, the wait is served by aioipc's shared
+        watcher thread instead (one thread for all processes).
+
+        **Cancellation**: the process is not affected; waiting again later is fine.
+        """
+        sentinel = self.sentinel  # ValueError if the process was not started or is closed
+        code = self._reap()
+        if code is not None:
+            await anyio.lowlevel.checkpoint()
+            return code
+        await self._wait_sentinel(sentinel)
+        delay = 0.0005
+        while (code := self._reap()) is None:
+            # The sentinel fires as the process closes its descriptors, a moment before its exit
+            # status can be collected.
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return code
+
+    def _final_code(self) -> int:
+        code = self.exitcode
+        assert code is not None, "the process was awaited"
+        return code
+
+    def _reap(self) -> int | None:
+        self.join(0)  # also drops the process from multiprocessing's list of children once done
+        return self.exitcode
+
+    async def _wait_sentinel(self, fd: int) -> None:
+        loop = current_loop()
+        if loop in self._loops_on_sentinel:  # only one task of a loop may wait on an fd
+            await _wait_in_watcher(self)
+            return
+        self._loops_on_sentinel.add(loop)
+        blocking = os.get_blocking(fd)
+        try:
+            await anyio.wait_readable(fd)
+        except anyio.BusyResourceError:  # someone else's task of this loop waits on it
+            await _wait_in_watcher(self)
+        finally:
+            self._loops_on_sentinel.discard(loop)
+            if blocking and not os.get_blocking(fd):
+                # uvloop leaves a watched descriptor non-blocking; multiprocessing expects the
+                # fork server's status pipe to block.
+                os.set_blocking(fd, True)
+
+    async def stop(
+        self, wait_timeout: float | None = None, *, terminate_timeout: float = 5.0
+    ) -> int:
+        """Make sure the process is over, and return its exit code.
+
+        Wait up to ``wait_timeout`` seconds (None: as long as it takes) for it to exit; then
+        :meth:`terminate` it (SIGTERM), wait up to ``terminate_timeout`` seconds, and finally
+        :meth:`kill` it (SIGKILL). ``wait_timeout=0`` terminates it at once if it still runs.
+
+        **Cancellation**: if cancelled while waiting, the process is terminated and then killed as
+        above (that part is shielded from cancellation) before the cancellation propagates.
+        """
+        if wait_timeout is None or wait_timeout > 0:
+            try:
+                with anyio.move_on_after(wait_timeout):
+                    return await self.wait()
+            except BaseException:
+                await self._force_exit(terminate_timeout)
+                raise
+        return await self._force_exit(terminate_timeout)
+
+    async def _force_exit(self, terminate_timeout: float) -> int:
+        with anyio.CancelScope(shield=True):
+            if self.exitcode is None:
+                self._forced = "terminated"
+                self.terminate()
+                with anyio.move_on_after(terminate_timeout):
+                    await self.wait()
+                if self.exitcode is None:
+                    self._forced = "killed"
+                    self.kill()
+            await self.wait()
+        return self._final_code()
+
+
+async def _wait_in_watcher(process: BaseProcess) -> None:
+    """Wait for ``process`` to exit through the watcher thread."""
+    loop = current_loop()
+    exited = anyio.Event()
+    watch = _watcher.watch(process, lambda _watch, _code: loop.call_soon_threadsafe(exited.set))
+    try:
+        await exited.wait()
+    finally:
+        _watcher.cancel(watch)
+
+
+@asynccontextmanager
+async def open_process(
+    target: Callable[..., object],
+    *args: Any,
+    ctx: Any = None,
+    name: str | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    daemon: bool | None = None,
+    wait_timeout: float | None = None,
+    terminate_timeout: float = 5.0,
+) -> AsyncIterator[Process]:
+    """Run ``target(*args, **kwargs)`` in a new :class:`Process` for the duration of the block.
+
+    The process is started on entry. When the block ends normally, it is awaited up to
+    ``wait_timeout`` seconds (None: as long as it takes), then terminated, then killed
+    ``terminate_timeout`` seconds later (:meth:`Process.stop`); if it exited with a non-zero code
+    (it raised, called ``sys.exit(n)`` or was killed), :class:`aioipc.ProcessFailed` is raised.
+    When the block raises (or is cancelled), the process is terminated at once (and killed if it
+    does not exit within ``terminate_timeout``) and the block's exception propagates. Either way
+    the process object is closed at the end, its ``exitcode`` still readable.
+
+    To turn the death of a producer into an error rather than a hang, link it to the queue it
+    feeds: ``queue.link(process)``.
+
+    **Cancellation**: cancelling the block, or the wait at its end, terminates and then kills the
+    process (shielded) before the cancellation propagates.
+    """
+    process = Process(target=target, args=args, kwargs=kwargs, name=name, daemon=daemon, ctx=ctx)
+    process.start()
+    pid = process.pid
+    try:
+        yield process
+    except BaseException:
+        await process.stop(0, terminate_timeout=terminate_timeout)
+        process.close()
+        raise
+    code = await process.stop(wait_timeout, terminate_timeout=terminate_timeout)
+    process.close()
+    if code != 0:
+        message = describe_exit(process.name, pid, code)
+        if process._forced is not None:
+            message += f" ({process._forced}: it had not exited {wait_timeout} s after the block)"
+        raise ProcessFailed(message, code)
+
+
+# --------------------------------------------------------------------------------------------
+# Supervision
+# --------------------------------------------------------------------------------------------
+
+
+class _QueueLink:
+    """The producers linked to one queue in this process, and what their exits do to it.
+
+    Every exit starts a check of the queue's locks (a producer killed inside ``put`` may leave the
+    state or write lock taken); once the check passes and no linked producer runs any more, the
+    end marker goes into the queue. All of it runs in the watcher thread.
+    """
+
+    def __init__(self, queue: Queue[Any]) -> None:
+        self._queue = weakref.ref(queue)
+        self._lock = threading.Lock()
+        self._running = 0
+        self._exits: list[str] = []
+        self._checking = False
+        self._ended = False
+        self._reset_probe()
+
+    def _reset_probe(self) -> None:
+        self._state_held = _Streak(_ORPHAN_SECONDS)
+        self._write_held = _Streak(_ORPHAN_SECONDS)  # with the stream at an item boundary
+        self._stuck = _Streak(_STUCK_SECONDS)
+
+    def add(self, process: BaseProcess) -> None:
+        with self._lock:
+            self._running += 1
+        _watcher.watch(process, self._exited)
+
+    def _exited(self, watch: _Watch, code: int | None) -> None:
+        with self._lock:
+            self._running -= 1
+            self._exits.append(describe_exit(watch.name, watch.pid, code))
+            if self._checking:
+                return
+            self._checking = True
+            self._reset_probe()
+        _watcher.add_job(self._step)
+
+    def _step(self) -> bool:
+        """One round of the check that follows an exit; True when it is over."""
+        queue = self._queue()
+        if queue is None or queue._closed or self._ended:
+            return self._done()
+        channel: SyncQueue[Any] = queue._channel
+        try:
+            verdict = self._probe(channel)
+        except (OSError, ValueError):  # the queue was closed in this process meanwhile
+            return self._done()
+        if verdict is None:
+            return False
+        with self._lock:
+            last = self._running == 0
+            exits = "; ".join(self._exits)
+        if verdict == "cut":
+            self._ended = True
+            queue._reader.end(
+                BrokenResourceError(
+                    "a producer died in the middle of putting an item into the queue, which cut "
+                    f"its stream: no process can get from it any more ({exits})"
+                )
+            )
+        elif last and not channel.is_shutdown:  # after a shutdown, getters end with ShutDown
+            self._ended = True
+            error = BrokenResourceError(f"every producer linked to the queue has exited: {exits}")
+            channel._feed_raw(bytes(dumps(EndMarker(error))))
+        return self._done()
+
+    def _done(self) -> bool:
+        with self._lock:
+            self._checking = False
+        return True
+
+    def _probe(self, channel: SyncQueue[Any]) -> str | None:
+        """Look at the queue's locks: "ok" when no dead producer holds them (giving back those it
+        died holding between two items), "cut" if it died in the middle of an item, None when
+        that cannot be told yet."""
+        now = time.monotonic()
+        slock, wlock, rlock = channel._slock, channel._wlock, channel._rlock
+        # The state lock guards a few counters and is never held while waiting: held round after
+        # round, it belongs to a producer that died holding it (inside put).
+        if not slock.acquire(True, 0.005):
+            if self._state_held.seen(now):
+                slock.release()
+                self._state_held.reset()
+            return None
+        slock.release()
+        self._state_held.reset()
+        if wlock.acquire(False):
+            wlock.release()
+            return "ok"
+        # A writer holds the write lock: a live one, busy writing, or a dead one.
+        fd = channel._reader.fileno()
+        if rlock.acquire(True, 0.005):
+            try:
+                self._stuck.reset()
+                if available(fd):  # bytes in the pipe: maybe part of an item
+                    self._write_held.reset()
+                elif self._write_held.seen(now):
+                    # Nothing in the pipe and no reader in the middle of an item, round after
+                    # round: a live writer would have written. Its holder died between two items.
+                    wlock.release()
+                    self._write_held.reset()
+            finally:
+                rlock.release()
+            return None
+        # Both locks are held. A reader blocked on the rest of an item whose writer died holds the
+        # read lock for good, with nothing left in the pipe (a live transfer keeps bytes in it).
+        self._write_held.reset()
+        if available(fd):
+            self._stuck.reset()
+            return None
+        return "cut" if self._stuck.seen(now) else None
+
+
+class _Streak:
+    """Consecutive rounds in which a condition was seen, and since when."""
+
+    __slots__ = ("_rounds", "_seconds", "_since")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._rounds = 0
+        self._since = 0.0
+
+    def seen(self, now: float) -> bool:
+        """Count one more round; True once the streak is long enough to trust."""
+        if self._rounds == 0:
+            self._since = now
+        self._rounds += 1
+        return self._rounds >= _STREAK_ROUNDS and now - self._since >= self._seconds
+
+    def reset(self) -> None:
+        self._rounds = 0
+
+
+_links: weakref.WeakKeyDictionary[Queue[Any], _QueueLink] = weakref.WeakKeyDictionary()
+_links_lock = threading.Lock()
+
+
+def link_producers(queue: Queue[Any], producers: Iterable[BaseProcess]) -> None:
+    """Supervise ``producers`` as the processes that put items into ``queue`` (``Queue.link``)."""
+    if not isinstance(queue._channel, SyncQueue):
+        raise TypeError("link() needs a queue made by aioipc, not one adopted with Queue.wrap()")
+    producers = list(producers)
+    for process in producers:
+        if not isinstance(process, BaseProcess):
+            raise TypeError(f"expected a multiprocessing process, not {type(process).__name__}")
+        if process.pid is None:
+            raise ValueError(f"{process!r} has not been started: link it once it runs")
+    with _links_lock:
+        link = _links.get(queue)
+        if link is None:
+            link = _links[queue] = _QueueLink(queue)
+    for process in producers:
+        link.add(process)
+
+
+def _after_fork_in_child() -> None:
+    # Supervision belongs to the process that started the producers.
+    global _links_lock
+    _watcher.after_fork_in_child()
+    _links.clear()
+    _links_lock = threading.Lock()
+
+
+if sys.platform != "win32":
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,385 @@
+"""Supervision: a queue linked to its producers turns their death into an error, not a hang.
+
+Every fault test checks, besides the outcome, that nothing leaks: no process or aioipc thread (the
+shared ``no_leaks`` fixture) and no file descriptor (counted in /proc/self/fd).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from typing import Any
+
+import anyio
+import pytest
+
+import aioipc
+
+pytestmark = pytest.mark.anyio
+
+FORK = multiprocessing.get_context("fork")
+
+
+# -- targets (module level, so that spawn and forkserver children can import them) --
+
+
+def put_range(q: aioipc.Queue[int], n: int, shutdown: bool = False) -> None:
+    for i in range(n):
+        q.sync.put(i)
+    if shutdown:
+        q.sync.shutdown()  # type: ignore[attr-defined]
+
+
+def put_range_slowly(q: aioipc.Queue[int], start: int, n: int) -> None:
+    for i in range(start, start + n):
+        q.sync.put(i)
+        time.sleep(0.005)
+
+
+def put_range_then_raise(q: aioipc.Queue[int], n: int) -> None:
+    put_range(q, n)
+    raise ValueError("the producer broke")
+
+
+def put_forever(q: aioipc.Queue[int]) -> None:
+    i = 0
+    while True:
+        q.sync.put(i)
+        i += 1
+        if i % 1000 == 0:
+            time.sleep(0.001)  # let the consumer keep up
+
+
+def put_range_flush_and_hang(q: aioipc.Queue[int], n: int, flushed: Any) -> None:
+    put_range(q, n)
+    q.sync.close()  # type: ignore[attr-defined]  # returns once every item is in the pipe
+    flushed.set()
+    time.sleep(60)
+
+
+def put_large_item_and_hang(q: aioipc.Queue[Any], size: int, put: Any) -> None:
+    q.sync.put("small")
+    q.sync.put(b"x" * size)  # the feeder thread fills the pipe, then waits for a reader
+    put.set()
+    time.sleep(60)
+
+
+def hold_the_write_lock(q: aioipc.Queue[int], holding: Any) -> None:
+    q.sync._wlock.acquire()  # type: ignore[attr-defined]  # as a producer killed inside put()
+    holding.set()
+    time.sleep(60)
+
+
+def consume_sync(q: aioipc.Queue[int], report: aioipc.Queue[Any]) -> None:
+    count = 0
+    try:
+        while True:
+            q.sync.get()
+            count += 1
+    except Exception as exc:
+        report.sync.put(("sync", count, type(exc).__name__, str(exc)))
+
+
+def consume_async(q: aioipc.Queue[int], report: aioipc.Queue[Any]) -> None:
+    async def main() -> None:
+        count = 0
+        try:
+            async for _ in q:
+                count += 1
+        except Exception as exc:
+            await report.put(("async", count, type(exc).__name__, str(exc)))
+
+    anyio.run(main)
+
+
+def consume_and_echo(q: aioipc.Queue[int], echo: aioipc.Queue[tuple[int, int]]) -> None:
+    async def main() -> None:
+        async for item in q:
+            await echo.put((os.getpid(), item))
+
+    anyio.run(main)
+
+
+# -- helpers --
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def fds_back_to(expected: int) -> int:
+    """The number of open fds, once it has come back to ``expected`` (or after 3 s): the watcher
+    thread closes its descriptors when it stops."""
+    deadline = time.monotonic() + 3
+    while open_fds() > expected and time.monotonic() < deadline:
+        await anyio.sleep(0.02)
+    return open_fds()
+
+
+async def wait_until_set(event: Any) -> None:
+    with anyio.fail_after(10):
+        while not event.is_set():
+            await anyio.sleep(0.01)
+
+
+async def drain(q: aioipc.Queue[Any], into: list[Any]) -> None:
+    """Get items into ``into`` until the queue ends (ShutDown ends the loop; errors propagate)."""
+    with anyio.fail_after(20):
+        async for item in q:
+            into.append(item)
+
+
+def baseline_fds(ctx: Any) -> int:
+    """The number of open fds, once the event loop and ``ctx``'s helpers (fork server, resource
+    tracker, the shared memory arena of queues) exist."""
+    aioipc.Queue(ctx=ctx).close()
+    process = ctx.Process(target=time.sleep, args=(0,))
+    process.start()
+    process.join()
+    process.close()
+    return open_fds()
+
+
+# -- the normal ends --
+
+
+async def test_getters_get_every_item_then_brokenresourceerror_when_producers_exit(
+    ctx: Any,
+) -> None:
+    fds = baseline_fds(ctx)
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
+    received: list[int] = []
+    pids = []
+
+    async def consume() -> None:
+        async with aioipc.open_process(put_range, q, 1000, ctx=ctx, name="producer") as producer:
+            q.link(producer)
+            pids.append(producer.pid)
+            await drain(q, received)
+
+    with pytest.raises(aioipc.BrokenResourceError) as info:
+        await consume()
+    assert received == list(range(1000))
+    assert str(info.value) == (
+        "every producer linked to the queue has exited: "
+        f"producer (pid {pids[0]}) exited with code 0"
+    )
+    q.close()
+    assert await fds_back_to(fds) == fds
+
+
+async def test_iteration_ends_cleanly_when_the_producer_shut_the_queue_down(ctx: Any) -> None:
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
+    received: list[int] = []
+    async with aioipc.open_process(put_range, q, 1000, True, ctx=ctx) as producer:
+        q.link(producer)
+        await drain(q, received)
+    assert received == list(range(1000))
+    q.close()
+
+
+async def test_the_error_waits_for_every_linked_producer() -> None:
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=FORK)
+    received: list[int] = []
+
+    async def consume() -> None:
+        async with (
+            aioipc.open_process(put_range, q, 10, ctx=FORK, name="quick") as quick,
+            aioipc.open_process(put_range_slowly, q, 100, 100, ctx=FORK, name="slow") as slow,
+        ):
+            q.link(quick, slow)
+            await quick.wait()
+            with anyio.fail_after(5):
+                while len(received) < 20:  # the slow one still puts: no error yet
+                    received.append(await q.get())
+            slow.kill()
+            await drain(q, received)
+
+    with pytest.raises(aioipc.BrokenResourceError) as info:
+        await consume()
+    from_slow = [item for item in received if item >= 100]
+    assert sorted(set(received) - set(from_slow)) == list(range(10))
+    assert from_slow == list(range(100, 100 + len(from_slow)))
+    assert "quick (pid" in str(info.value)
+    assert "slow (pid" in str(info.value)
+    assert "was killed by SIGKILL" in str(info.value)
+    q.close()
+
+
+async def test_getters_in_other_processes_get_the_error_too(ctx: Any) -> None:
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
+    report: aioipc.Queue[Any] = aioipc.Queue(ctx=ctx)
+    async with (
+        aioipc.open_process(consume_sync, q, report, ctx=ctx),
+        aioipc.open_process(consume_async, q, report, ctx=ctx),
+        aioipc.open_process(put_range, q, 2000, ctx=ctx) as producer,
+    ):
+        q.link(producer)
+        with anyio.fail_after(20):
+            outcomes = sorted([await report.get(), await report.get()])
+    assert [kind for kind, *_ in outcomes] == ["async", "sync"]
+    assert sum(count for _, count, *_ in outcomes) == 2000
+    for _, _, error, message in outcomes:
+        assert error == "BrokenResourceError"
+        assert message.endswith("exited with code 0")
+    q.close()
+    report.close()
+
+
+def test_link_needs_started_processes_and_a_queue_made_by_aioipc() -> None:
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=FORK)
+    with pytest.raises(ValueError, match="has not been started"):
+        q.link(aioipc.Process(target=time.sleep, args=(0,), ctx=FORK))
+    q.close()
+    wrapped = aioipc.Queue.wrap(FORK.Queue())
+    process = aioipc.Process(target=time.sleep, args=(0,), ctx=FORK)
+    process.start()
+    with pytest.raises(TypeError, match="wrap"):
+        wrapped.link(process)
+    process.join()
+    process.close()
+    wrapped.close()
+
+
+# -- faults --
+
+
+async def test_a_producer_killed_mid_stream_yields_a_gapless_prefix_then_the_error_within_1s(
+    ctx: Any,
+) -> None:
+    fds = baseline_fds(ctx)
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
+    received: list[int] = []
+    killed_at = []
+
+    async def consume() -> None:
+        async with aioipc.open_process(put_forever, q, ctx=ctx) as producer:
+            q.link(producer)
+            with anyio.fail_after(20):
+                while len(received) < 3000:
+                    received.append(await q.get())
+            producer.kill()
+            killed_at.append(time.monotonic())
+            await drain(q, received)
+
+    with pytest.raises(aioipc.BrokenResourceError, match=r"killed by SIGKILL \(exit code -9\)"):
+        await consume()
+    assert time.monotonic() - killed_at[0] < 1
+    assert received == list(range(len(received)))
+    q.close()
+    assert await fds_back_to(fds) == fds
+
+
+async def test_every_item_in_the_pipe_before_a_sigkill_is_delivered(ctx: Any) -> None:
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
+    flushed = ctx.Event()
+    received: list[int] = []
+
+    async def consume() -> None:
+        # 2000 small items fit in the pipe: all are written before the kill, none is read yet.
+        async with aioipc.open_process(put_range_flush_and_hang, q, 2000, flushed, ctx=ctx) as p:
+            q.link(p)
+            await wait_until_set(flushed)
+            p.kill()
+            await drain(q, received)
+
+    with pytest.raises(aioipc.BrokenResourceError, match="killed by SIGKILL"):
+        await consume()
+    assert received == list(range(2000))
+    q.close()
+
+
+async def test_a_producer_that_raises_is_reported_after_its_items(ctx: Any) -> None:
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
+    received: list[int] = []
+
+    async def consume() -> None:
+        async with aioipc.open_process(put_range_then_raise, q, 100, ctx=ctx) as producer:
+            q.link(producer)
+            await drain(q, received)
+
+    with pytest.raises(aioipc.BrokenResourceError, match=r"exited with code 1$"):
+        await consume()
+    assert received == list(range(100))
+    q.close()
+
+
+async def test_a_producer_killed_holding_the_write_lock_does_not_stop_the_others(
+    ctx: Any,
+) -> None:
+    # Killed inside put() between two items: the lock is given back and the stream goes on.
+    fds = baseline_fds(ctx)
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
+    holding = ctx.Event()
+    received: list[int] = []
+
+    async def consume() -> None:
+        async with aioipc.open_process(hold_the_write_lock, q, holding, ctx=ctx) as holder:
+            q.link(holder)
+            await wait_until_set(holding)
+            async with aioipc.open_process(put_range_slowly, q, 0, 20, ctx=ctx) as producer:
+                q.link(producer)
+                holder.kill()
+                await drain(q, received)
+
+    with pytest.raises(aioipc.BrokenResourceError, match=r"exited with code 0$") as info:
+        await consume()
+    assert received == list(range(20))
+    assert "was killed by SIGKILL" in str(info.value)  # the holder, which exited first
+    q.close()
+    assert await fds_back_to(fds) == fds
+
+
+@pytest.mark.parametrize("ctx", [FORK, multiprocessing.get_context("spawn")], ids=["fork", "spawn"])
+async def test_a_producer_terminated_in_the_middle_of_a_large_item_raises_within_1s(
+    ctx: Any,
+) -> None:
+    fds = baseline_fds(ctx)
+    q: aioipc.Queue[Any] = aioipc.Queue(ctx=ctx, prefetch=0)
+    put = ctx.Event()
+    terminated_at = []
+
+    async def consume() -> None:
+        async with aioipc.open_process(put_large_item_and_hang, q, 10_000_000, put, ctx=ctx) as p:
+            q.link(p)
+            assert await q.get() == "small"
+            await wait_until_set(put)
+            await anyio.sleep(0.1)  # the pipe is full: the large item is half written
+            p.terminate()
+            terminated_at.append(time.monotonic())
+            with anyio.fail_after(10):
+                await q.get()
+
+    with pytest.raises(aioipc.BrokenResourceError, match="cut its stream") as info:
+        await consume()
+    assert time.monotonic() - terminated_at[0] < 1
+    assert "was killed by SIGTERM" in str(info.value)
+    q.close()  # the reader thread, blocked on the rest of the item, sees the end of the pipe
+    assert await fds_back_to(fds) == fds
+
+
+async def test_a_killed_consumer_does_not_stop_the_others(ctx: Any) -> None:
+    # A consumer waiting in get() holds no lock: killing it costs only the items it had taken.
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
+    echo: aioipc.Queue[tuple[int, int]] = aioipc.Queue(ctx=ctx)
+    victim = aioipc.Process(target=consume_and_echo, args=(q, echo), ctx=ctx)
+    victim.start()
+    async with aioipc.open_process(consume_and_echo, q, echo, ctx=ctx) as survivor:
+        for i in range(100):
+            await q.put(i)
+        with anyio.fail_after(20):
+            first = [await echo.get() for _ in range(100)]
+        assert sorted(item for _, item in first) == list(range(100))
+        victim.kill()
+        assert await victim.wait() == -signal.SIGKILL
+        for i in range(100, 200):
+            await q.put(i)
+        q.shutdown()
+        with anyio.fail_after(20):
+            second = [await echo.get() for _ in range(100)]
+        assert second == [(survivor.pid, i) for i in range(100, 200)]
+    victim.close()
+    q.close()
+    echo.close()
