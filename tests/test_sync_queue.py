@@ -70,6 +70,23 @@ def test_shutdown_rejects_puts_and_ends_gets_once_drained(queue: aioipc.SyncQueu
         queue.get(timeout=5)
 
 
+def test_get_after_shutdown_waits_for_items_still_on_their_way(
+    queue: aioipc.SyncQueue[bytes],
+) -> None:
+    item = b"x" * 100_000  # large: written by the feeder thread, not by put() itself
+    queue._wlock.acquire()  # hold the write lock: the feeder cannot write yet
+    try:
+        queue.put(item)
+        queue.shutdown()
+        with pytest.raises(aioipc.Empty):  # not ShutDown: an item is still on its way
+            queue.get(timeout=0.2)
+    finally:
+        queue._wlock.release()
+    assert queue.get(timeout=5) == item
+    with pytest.raises(aioipc.ShutDown):
+        queue.get(timeout=5)
+
+
 def test_a_new_queue_is_not_shut_down(queue: aioipc.SyncQueue[int]) -> None:
     assert not queue.is_shutdown
 

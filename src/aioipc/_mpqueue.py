@@ -553,7 +553,7 @@ class SyncQueue(Generic[T]):
                         break
                 finally:
                     self._rlock.release()
-            if self._state[_SHUTDOWN]:
+            if self._drained_after_shutdown():
                 raise ShutDown
             if not block or (deadline is not None and time.monotonic() >= deadline):
                 raise Empty
@@ -593,7 +593,7 @@ class SyncQueue(Generic[T]):
             if any(event_fd == wake_fd for event_fd, _ in events):
                 return [], None
             if not events:
-                if state[_SHUTDOWN]:
+                if self._drained_after_shutdown():
                     return [], ShutDown()
                 continue
             if not self._rlock.acquire(True, POLL_SLICE):
@@ -706,6 +706,14 @@ class SyncQueue(Generic[T]):
         if self._cond is not None:
             with self._cond:
                 self._cond.notify_all()
+
+    def _drained_after_shutdown(self) -> bool:
+        """Shut down, and no item is left in the pipe or in any process's feeder (the count covers
+        both): a getter that found the pipe empty can stop without waiting for the marker."""
+        state = self._state
+        return bool(state[_SHUTDOWN]) and (
+            state[_SHUTDOWN] == _SHUT_IMMEDIATE or state[_COUNT] <= 0
+        )
 
     def _check_shutdown(self) -> None:
         if self._state[_SHUTDOWN]:
