@@ -23,8 +23,8 @@ EXAMPLES = [
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     ("index", "expected"),
-    [(0, "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]\n"), (1, "0\n1\n4\n")],
-    ids=["queues", "pipes"],
+    [(0, "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]\n"), (1, "0\n1\n4\n"), (2, "4950\n")],
+    ids=["queues", "pipes", "processes"],
 )
 def test_a_readme_example_runs(tmp_path: Path, index: int, expected: str) -> None:
     script = tmp_path / "example.py"
