@@ -797,3 +797,37 @@ class Writer(_Hub):
         # stopped half-way by the interpreter's exit (a semaphore unlinked, never unregistered).
         if thread is not None and thread is not threading.current_thread():
             thread.join(1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The life cycle every aioipc object shares
+# --------------------------------------------------------------------------------------------
+
+_R = TypeVar("_R", bound="AsyncResource")
+
+
+class AsyncResource:
+    """``close()`` (sync, idempotent), ``aclose()`` and ``async with``; use after close raises
+    :class:`aioipc.ClosedResourceError`. Subclasses implement :meth:`close` and set ``_closed``."""
+
+    _closed: bool
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Close it, as :meth:`close` does.
+
+        **Cancellation**: none needed; it closes at once, without waiting.
+        """
+        self.close()
+
+    async def __aenter__(self: _R) -> _R:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"{self!r} was closed in this process")

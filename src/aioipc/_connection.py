@@ -41,12 +41,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing import context
 from multiprocessing.reduction import ForkingPickler
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
 
-from ._bridge import Checkpointer, Job, Reader, Writer, _Waiter, current_loop
+from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer, _Waiter, current_loop
 from ._exceptions import ClosedResourceError
 from ._mpqueue import POLL_SLICE, available, dumps
 
@@ -338,7 +337,7 @@ def _reset_connections_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_connections_after_fork)
 
 
-class Connection(Generic[SendT, RecvT]):
+class Connection(AsyncResource, Generic[SendT, RecvT]):
     """One end of a connection between processes, with async ``send``/``recv`` and the blocking
     :class:`multiprocessing.connection.Connection` as :attr:`sync`.
 
@@ -806,28 +805,6 @@ class Connection(Generic[SendT, RecvT]):
                 self._close_epoll()
             self._conn.close()
 
-    async def aclose(self) -> None:
-        """Close the connection end (see :meth:`close`).
-
-        **Cancellation**: none needed; it closes at once, without waiting.
-        """
-        self.close()
-
-    async def __aenter__(self) -> Connection[SendT, RecvT]:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedResourceError(f"{self!r} was closed in this process")
-
     def _check_readable(self) -> None:
         self._check_open()
         if not self._conn.readable:
@@ -1100,7 +1077,7 @@ class _AcceptSource:
         return items
 
 
-class Listener:
+class Listener(AsyncResource):
     """Accepts connections from other processes or hosts: multiprocessing's
     :class:`~multiprocessing.connection.Listener`, with an async :meth:`accept`. Made by
     :func:`listen`.
@@ -1175,28 +1152,6 @@ class Listener:
         for conn in self._reader.close() + self._source.stop():
             conn.close()
         self._listener.close()
-
-    async def aclose(self) -> None:
-        """Close the listener (see :meth:`close`).
-
-        **Cancellation**: none needed; it closes at once, without waiting.
-        """
-        self.close()
-
-    async def __aenter__(self) -> Listener:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedResourceError(f"{self!r} was closed")
 
     def statistics(self) -> ListenerStatistics:
         """A snapshot of this listener."""

@@ -10,16 +10,14 @@ from dataclasses import dataclass
 from multiprocessing import context
 from multiprocessing.managers import BaseProxy
 from multiprocessing.process import BaseProcess
-from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from ._bridge import Checkpointer, Job, Reader, Writer
-from ._exceptions import ClosedResourceError, Empty, Full, ShutDown
+from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer
+from ._exceptions import Empty, Full, ShutDown
 from ._mpqueue import POLL_SLICE, SHUTDOWN_MARKER, SyncQueue, UnpicklingFailed, dumps
 from ._process import link_producers
 
 T = TypeVar("T")
-_Q = TypeVar("_Q", bound="Queue[Any]")
 
 #: Items a process may take from the shared queue ahead of its waiting coroutines.
 DEFAULT_PREFETCH = 64
@@ -130,7 +128,7 @@ class _Foreign:
         pass
 
 
-class Queue(Generic[T]):
+class Queue(AsyncResource, Generic[T]):
     """A queue shared by processes, with an async face for coroutines and a blocking one (``sync``)
     for synchronous code.
 
@@ -419,25 +417,6 @@ class Queue(Generic[T]):
         self._channel.giveback(leftover)
         if self._owns_channel:
             self._channel.close()
-
-    async def aclose(self) -> None:
-        """Close the queue (see :meth:`close`)."""
-        self.close()
-
-    async def __aenter__(self: _Q) -> _Q:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedResourceError(f"{self!r} was closed in this process")
 
     def statistics(self) -> QueueStatistics:
         """A snapshot of this queue as seen from this process."""
