@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 import trio
+from _helpers import join, start
 
 import aioipc
 
@@ -65,19 +66,6 @@ def sleep_forever(conn: aioipc.Connection[Any, Any], other: aioipc.Connection[An
 
 
 # -- helpers --
-
-
-def start(ctx: Any, target: Any, *args: Any) -> multiprocessing.process.BaseProcess:
-    process: multiprocessing.process.BaseProcess = ctx.Process(target=target, args=args)
-    process.start()
-    return process
-
-
-async def join(process: multiprocessing.process.BaseProcess) -> None:
-    with anyio.fail_after(30):
-        while process.is_alive():
-            await anyio.sleep(0.01)
-    process.join()
 
 
 @asynccontextmanager

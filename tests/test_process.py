@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _helpers import fds_back_to, open_fds, wait_until_set
 
 import aioipc
 
@@ -57,25 +58,6 @@ def start_new_event_loops() -> None:
 
 
 # -- helpers --
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-async def fds_back_to(expected: int) -> int:
-    """The number of open fds, once it has come back to ``expected`` (or after 3 s)."""
-    deadline = time.monotonic() + 3
-    while open_fds() > expected and time.monotonic() < deadline:
-        await anyio.sleep(0.02)
-    return open_fds()
-
-
-async def wait_until_set(event: Any) -> None:
-    """Wait for a multiprocessing event to be set (within 10 s)."""
-    with anyio.fail_after(10):
-        while not event.is_set():
-            await anyio.sleep(0.01)
 
 
 def started(target: Any, *args: Any, ctx: Any = None) -> aioipc.Process:

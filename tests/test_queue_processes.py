@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import pytest
 import trio
+from _helpers import join, start
 
 import aioipc
 
@@ -108,20 +109,6 @@ def collect_n_in_child(
     run_child_loop(loop, collect_n, queue, results, n)
 
 
-def start(ctx: Any, target: Any, *args: Any) -> multiprocessing.process.BaseProcess:
-    process: multiprocessing.process.BaseProcess = ctx.Process(target=target, args=args)
-    process.start()
-    return process
-
-
-async def join(process: multiprocessing.process.BaseProcess) -> None:
-    with anyio.fail_after(30):
-        while process.is_alive():
-            await anyio.sleep(0.01)
-    process.join()
-    assert process.exitcode == 0
-
-
 # -- tests --
 
 
@@ -129,7 +116,7 @@ async def test_items_put_synchronously_by_a_child_reach_an_async_consumer(ctx: A
     async with aioipc.Queue[int](ctx=ctx) as queue:
         child = start(ctx, put_range_sync, queue, N)
         assert [await queue.get() for _ in range(N)] == list(range(N))
-        await join(child)
+        assert await join(child) == 0
 
 
 @pytest.mark.parametrize("child_loop", ["asyncio", "trio"])
@@ -141,7 +128,7 @@ async def test_a_child_consumes_with_its_own_event_loop(ctx: Any, child_loop: st
         queue.shutdown()
         with anyio.fail_after(30):
             assert await results.get() == sum(range(N))
-        await join(child)
+        assert await join(child) == 0
 
 
 @pytest.mark.parametrize("child_loop", ["asyncio", "trio"])
@@ -150,7 +137,7 @@ async def test_a_child_produces_with_its_own_event_loop(ctx: Any, child_loop: st
         child = start(ctx, produce_async_in_child, child_loop, queue, N)
         with anyio.fail_after(30):
             assert [await queue.get() for _ in range(N)] == list(range(N))
-        await join(child)
+        assert await join(child) == 0
 
 
 async def test_shutdown_in_the_parent_wakes_a_getter_waiting_in_a_child(ctx: Any) -> None:
@@ -164,7 +151,7 @@ async def test_shutdown_in_the_parent_wakes_a_getter_waiting_in_a_child(ctx: Any
         with anyio.fail_after(5):
             assert await results.get() == "shut down"
         assert time.monotonic() - started < 1.0
-        await join(child)
+        assert await join(child) == 0
 
 
 async def test_shutdown_in_a_child_ends_iteration_in_the_parent(ctx: Any) -> None:
@@ -172,7 +159,7 @@ async def test_shutdown_in_a_child_ends_iteration_in_the_parent(ctx: Any) -> Non
         child = start(ctx, put_range_then_shutdown, queue, N)
         with anyio.fail_after(30):
             assert [item async for item in queue] == list(range(N))
-        await join(child)
+        assert await join(child) == 0
 
 
 async def test_a_sync_getter_in_a_child_sees_the_items_then_shutdown(ctx: Any) -> None:
@@ -183,7 +170,7 @@ async def test_a_sync_getter_in_a_child_sees_the_items_then_shutdown(ctx: Any) -
         queue.shutdown()
         with anyio.fail_after(30):
             assert await results.get() == list(range(N))
-        await join(child)
+        assert await join(child) == 0
 
 
 async def test_two_consumer_processes_share_the_items_without_loss_or_duplicates(
@@ -200,7 +187,7 @@ async def test_two_consumer_processes_share_the_items_without_loss_or_duplicates
         for part in parts:
             assert part == sorted(part)
         for child in children:
-            await join(child)
+            assert await join(child) == 0
 
 
 async def test_join_waits_for_task_done_in_worker_processes(ctx: Any) -> None:
@@ -214,13 +201,13 @@ async def test_join_waits_for_task_done_in_worker_processes(ctx: Any) -> None:
         assert sorted([await done.get() for _ in range(50)]) == list(range(50))
         queue.shutdown()
         for worker in workers:
-            await join(worker)
+            assert await join(worker) == 0
 
 
 async def test_qsize_counts_items_put_by_another_process(ctx: Any) -> None:
     async with aioipc.Queue[int](ctx=ctx) as queue:
         child = start(ctx, put_range_sync, queue, 10)
-        await join(child)
+        assert await join(child) == 0
         assert queue.qsize() == 10
         assert [await queue.get() for _ in range(10)] == list(range(10))
         assert queue.qsize() == 0
@@ -241,4 +228,4 @@ async def test_a_queue_used_in_the_parent_works_in_a_forked_child() -> None:
         queue.close()  # gives the parent's prefetched items back to the queue
         with anyio.fail_after(30):
             assert sorted(await results.get()) == list(range(1, 20))
-        await join(child)
+        assert await join(child) == 0

@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _helpers import fds_back_to, open_fds, wait_until_set
 
 import aioipc
 
@@ -103,25 +104,6 @@ def consume_and_echo(q: aioipc.Queue[int], echo: aioipc.Queue[tuple[int, int]]) 
 
 
 # -- helpers --
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-async def fds_back_to(expected: int) -> int:
-    """The number of open fds, once it has come back to ``expected`` (or after 3 s): the watcher
-    thread closes its descriptors when it stops."""
-    deadline = time.monotonic() + 3
-    while open_fds() > expected and time.monotonic() < deadline:
-        await anyio.sleep(0.02)
-    return open_fds()
-
-
-async def wait_until_set(event: Any) -> None:
-    with anyio.fail_after(10):
-        while not event.is_set():
-            await anyio.sleep(0.01)
 
 
 async def drain(q: aioipc.Queue[Any], into: list[Any]) -> None:
