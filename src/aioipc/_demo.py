@@ -112,7 +112,7 @@ async def main(args: argparse.Namespace) -> None:
         rates[use_async] = max(rate, rates.get(use_async, 0.0))
     print(f"stream:     {args.items:,} small ints from a child process to this one (best of 2)")
     print(f"  await queue.get()      {rates[True]:>12,.0f} items/s")
-    print(f"  queue.sync.get() loop  {rates[False]:>12,.0f} items/s   (the synchronous limit)")
+    print(f"  queue.sync.get() loop  {rates[False]:>12,.0f} items/s   (blocking, one item a call)")
     print(f"  async / sync           {rates[True] / rates[False]:>12.2f}")
 
 
