@@ -30,7 +30,7 @@ import time
 import weakref
 from collections.abc import Iterable
 from multiprocessing import context, util
-from multiprocessing.connection import Connection, Pipe
+from multiprocessing.connection import Pipe
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, TypeVar
 
@@ -759,9 +759,6 @@ class SyncQueue(Generic[T]):
             or (shutdown == _SHUT_GRACEFUL and state[_COUNT] <= 0)
         )
 
-    def unfinished_tasks(self) -> int:
-        return max(int(self._state[_UNFINISHED]), 0)
-
     # -- closing --
 
     def close(self) -> None:
@@ -793,7 +790,6 @@ class SyncQueue(Generic[T]):
 
 __all__ = [
     "SHUTDOWN_MARKER",
-    "Connection",
     "EndMarker",
     "SyncQueue",
     "UnpicklingFailed",
