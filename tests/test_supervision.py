@@ -55,7 +55,7 @@ def put_forever(q: aioipc.Queue[int]) -> None:
 
 def put_range_flush_and_hang(q: aioipc.Queue[int], n: int, flushed: Any) -> None:
     put_range(q, n)
-    q.sync.close()  # type: ignore[attr-defined]  # returns once every item is in the pipe
+    q.sync.close()  # returns once every item is in the pipe
     flushed.set()
     time.sleep(60)
 

@@ -78,8 +78,11 @@ async def test_aioipc_threads_are_named_daemons() -> None:
 
 async def test_close_stops_the_threads_of_this_queue() -> None:
     queue: aioipc.Queue[int] = aioipc.Queue()
-    await queue.put(1)
-    assert await queue.get() == 1
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queue.get)  # waits: the reader thread waits for it
+        while queue.statistics().waiting_getters < 1:
+            await anyio.sleep(0.001)
+        await queue.put(1)
     assert queue.statistics().threads == 1
     queue.close()
     assert queue.statistics().threads == 0

@@ -80,6 +80,10 @@ class LoopHandle:
     async def checkpoint(self) -> None:
         raise NotImplementedError
 
+    async def checkpoint_if_cancelled(self) -> None:
+        """Raise the cancellation of the calling task if one is pending; else return at once."""
+        raise NotImplementedError
+
 
 class _AsyncioLoop(LoopHandle):
     __slots__ = ("_loop",)
@@ -105,6 +109,20 @@ class _AsyncioLoop(LoopHandle):
 
     async def checkpoint(self) -> None:
         await asyncio.sleep(0)
+
+    async def checkpoint_if_cancelled(self) -> None:
+        task = asyncio.current_task(self._loop)
+        if task is None:
+            return
+        # A plain asyncio cancellation that could not be delivered yet (the task has not waited
+        # since ``task.cancel()``): ``Task._must_cancel``, present on the C and Python tasks.
+        if getattr(task, "_must_cancel", False):
+            await asyncio.sleep(0)
+            return
+        # An anyio cancel scope that was cancelled while this task ran (asyncio backend).
+        anyio_asyncio = sys.modules.get("anyio._backends._asyncio")
+        if anyio_asyncio is not None:
+            await anyio_asyncio.AsyncIOBackend.checkpoint_if_cancelled()
 
 
 class _TrioLoop(LoopHandle):
@@ -141,6 +159,11 @@ class _TrioLoop(LoopHandle):
         import trio
 
         await trio.lowlevel.checkpoint()
+
+    async def checkpoint_if_cancelled(self) -> None:
+        import trio
+
+        await trio.lowlevel.checkpoint_if_cancelled()
 
 
 _asyncio_loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncioLoop] = (
@@ -210,8 +233,12 @@ class Checkpointer:
         await current_loop().checkpoint()
 
     async def tick(self) -> None:
+        """A cancellation point that also yields to the loop now and then."""
+        loop = current_loop()
         if self.due():
-            await current_loop().checkpoint()
+            await loop.checkpoint()
+        else:
+            await loop.checkpoint_if_cancelled()
 
     def reset(self) -> None:
         self._count = 0
@@ -396,7 +423,12 @@ class Source(Protocol[T]):
 
 
 class Reader(_Hub, Generic[T]):
-    """Hands items from a :class:`Source` to coroutines, through one reader thread."""
+    """Hands items from a :class:`Source` to coroutines, through one reader thread.
+
+    The thread reads only while coroutines of this process wait: as many items as they want, plus
+    at most ``prefetch`` more, and nothing once none waits. Items it read for a waiter that left
+    stay in :attr:`buffer` for the next one.
+    """
 
     def __init__(
         self,
@@ -407,13 +439,8 @@ class Reader(_Hub, Generic[T]):
         max_batch: int = 256,
         max_batch_bytes: int = 1024 * 1024,
     ) -> None:
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, not {prefetch}")
         self._source = source
         self._prefetch = prefetch
-        #: The fast path wakes the reader thread when the buffer falls to this level, so that the
-        #: next batch is read while the coroutines still consume the current one.
-        self._refill_at = prefetch // 2 if prefetch > 1 else -1
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
         super().__init__(name)
@@ -423,6 +450,11 @@ class Reader(_Hub, Generic[T]):
         self.buffer: deque[T] = deque()
         self._end: BaseException | None = None
         self._wake_r, self._wake_w = -1, -1
+        #: Items the source has started to read for this process without a waiter (a frame that
+        #: had partly arrived when ``get_nowait()`` looked): the thread finishes them.
+        self._owed = 0
+        #: The thread is in ``source.read``: items it takes are on their way to the buffer.
+        self._reading = False
 
     def _after_fork(self) -> None:
         for fd in (self._wake_r, self._wake_w):
@@ -432,22 +464,45 @@ class Reader(_Hub, Generic[T]):
 
     # -- the coroutine side --
 
+    @property
+    def idle(self) -> bool:
+        """No coroutine of this process waits here and the thread holds no item on its way to
+        the buffer: a coroutine that arrives now may take the next item from the source itself
+        without overtaking anything."""
+        return self._n_waiting == 0 and not self._reading and not self.buffer
+
     def take_nowait(self) -> T:
-        """An item already in this process, or raise ``IndexError`` (or the end of the channel)."""
+        """An item already in this process, or raise ``IndexError`` (or the end of the channel).
+
+        Waiting coroutines go first: while any waits, this takes nothing.
+        """
         if self._n_waiting == 0:
-            buffer = self.buffer
             try:
-                item = buffer.popleft()
+                return self.buffer.popleft()
             except IndexError:
                 pass
-            else:
-                if len(buffer) == self._refill_at:
-                    self._refill()
-                return item
         if self._closed or (self._end is not None and not self.buffer):
             raise self._ending()
-        self._ensure_thread()
         raise IndexError
+
+    def take_many_nowait(self, n: int) -> list[T]:
+        """Up to ``n`` items already in this process (none while coroutines wait)."""
+        buffer = self.buffer
+        if self._n_waiting or not buffer:
+            return []
+        return [buffer.popleft() for _ in range(min(n, len(buffer)))]
+
+    def owe(self) -> None:
+        """The source started an item for this process with nobody waiting: let the thread
+        finish it into the buffer."""
+        with self._lock:
+            if self._closed:
+                return
+            self._owed += 1
+            if self._thread is None:
+                self._start_reader()
+            else:
+                self._wakeup.notify()
 
     async def take(self, want: int = 1) -> list[T]:
         """Wait for 1 to ``want`` items."""
@@ -463,10 +518,18 @@ class Reader(_Hub, Generic[T]):
                 raise self._ending()
             waiter = _Waiter(loop, want)
             self._enqueue(waiter)
-            if self._thread is None:
-                self._start_reader()
-            else:
-                self._wakeup.notify()
+            try:
+                if self._thread is None:
+                    self._start_reader()
+                else:
+                    self._wakeup.notify()
+            except BaseException:  # no thread (out of threads or descriptors): leave no trace
+                self._discard(waiter)
+                raise
+            # Items already here (a waiter of another loop was served first): deliver them.
+            loops = self._loops_to_wake() if buffer else []
+        if loops:
+            self._request_delivery(loops)
         try:
             await loop.park(waiter, self._abandon)
         except BaseException:
@@ -484,6 +547,16 @@ class Reader(_Hub, Generic[T]):
         assert self._end is not None
         return copy.copy(self._end)
 
+    def give_back(self, items: list[T]) -> None:
+        """Items taken from this reader and not handed out go back to the front of the buffer,
+        in order, for the next waiter of this process."""
+        if not items:
+            return
+        with self._lock:
+            self.buffer.extendleft(reversed(items))
+            loops = self._loops_to_wake()
+        self._request_delivery(loops)
+
     def _abandon(self, waiter: _Waiter) -> None:
         """The waiter is gone (cancelled, timed out): its items go back, ahead of newer ones."""
         with self._lock:
@@ -493,7 +566,7 @@ class Reader(_Hub, Generic[T]):
                 loops = self._loops_to_wake()
             else:
                 self._discard(waiter)
-                if self._prefetch == 0 and self._n_waiting == 0 and self._wake_w >= 0:
+                if self._n_waiting == 0 and self._wake_w >= 0:
                     # Nobody wants an item any more: stop the thread's wait, so that it takes none.
                     os.write(self._wake_w, b"x")
                 return
@@ -518,36 +591,38 @@ class Reader(_Hub, Generic[T]):
                 else:
                     waiter.error = self._ending()
                 woken.append(waiter)
-            if woken and self._prefetch:
-                self._wakeup.notify()
+            # Items left over go to the waiters of other loops of this process.
+            loops = self._loops_to_wake() if buffer or ended else []
         for waiter in woken:
             loop.wake(waiter)
+        if loops:
+            self._request_delivery(loops)
 
     # -- the thread side --
 
-    def _refill(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                self._wakeup.notify()
-
-    def _ensure_thread(self) -> None:
-        if self._thread is None and not self._closed:
-            with self._lock:
-                if self._thread is None and not self._closed:
-                    self._start_reader()
-
     def _start_reader(self) -> None:
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._start_thread(self._run, "reader")
+        wake_r, wake_w = os.pipe()
+        try:
+            os.set_blocking(wake_r, False)
+            self._wake_r, self._wake_w = wake_r, wake_w
+            self._start_thread(self._run, "reader")
+        except BaseException:
+            os.close(wake_r)
+            os.close(wake_w)
+            self._wake_r = self._wake_w = -1
+            self._thread = None
+            raise
 
     def _demand(self) -> int:
-        """How many more items this process wants now (lock held)."""
-        wanted = 0
+        """How many more items this process wants now (lock held): what its waiters want, plus
+        ``prefetch`` while any waits, less what is buffered."""
+        wanted = self._owed
         for queue in self._loops.values():
             if queue.live:
                 wanted += max(queue.peek_want(), 1) + queue.live - 1
-        return max(wanted, self._prefetch) - len(self.buffer)
+        if wanted == 0:
+            return 0
+        return wanted + self._prefetch - len(self.buffer)
 
     def _run(self) -> None:
         source, wake_r = self._source, self._wake_r
@@ -560,17 +635,29 @@ class Reader(_Hub, Generic[T]):
             except BaseException as exc:  # the channel broke: report it to the waiters
                 items, end = [], exc
             if not items and end is None:
+                self._reading = False
                 _drain(wake_r)
                 continue
             with self._lock:
+                self._reading = False
                 if self._closed:  # closed while we read: the items go back where they came from
                     self._giveback(items)
                     return
+                self._owed = max(self._owed - len(items), 0)
                 self.buffer.extend(items)
                 if end is not None:
                     self._end = end
+                    self._buffer_ended()
                 loops = self._loops_to_wake()
             self._request_delivery(loops)
+
+    def _buffer_ended(self) -> None:
+        """The source ended: let it drop what the buffer holds if the end says so (lock held)."""
+        ending = getattr(self._source, "ending", None)
+        if ending is not None:
+            kept = ending(list(self.buffer))
+            if len(kept) != len(self.buffer):
+                self.buffer = deque(kept)
 
     def _wait_for_demand(self) -> int:
         """Block until coroutines want items; how many to read (0: the reader is done)."""
@@ -579,6 +666,7 @@ class Reader(_Hub, Generic[T]):
                 self._wakeup.wait()
             if self._closed or self._end is not None:
                 return 0
+            self._reading = True
             return min(max(self._demand(), 1), self._max_batch)
 
     def _giveback(self, items: list[T]) -> None:
@@ -586,15 +674,17 @@ class Reader(_Hub, Generic[T]):
         if giveback is not None and items:
             giveback(items)
 
-    def end(self, exc: BaseException, *, discard: bool = False) -> None:
+    def end(self, exc: BaseException, *, discard: bool = False) -> list[T]:
         """End the channel for this process: waiters get the buffered items (none if ``discard``),
-        then ``exc``. Used by shutdown and supervision."""
+        then ``exc``. Used by shutdown and supervision. Returns the discarded items."""
         with self._lock:
             if self._closed:
-                return
+                return []
             if self._end is None:
                 self._end = exc
+            dropped: list[T] = []
             if discard:
+                dropped = list(self.buffer)
                 self.buffer.clear()
             loops = self._loops_to_wake()
             self._wakeup.notify_all()
@@ -602,6 +692,7 @@ class Reader(_Hub, Generic[T]):
         if thread is not None:
             os.write(self._wake_w, b"x")
         self._request_delivery(loops)
+        return dropped
 
     # -- closing --
 
@@ -656,12 +747,19 @@ class Job(Generic[R]):
     ``fn`` waits in slices and checks :attr:`abandoned` between them.
     """
 
-    __slots__ = ("_hub", "committed", "fn", "waiter")
+    __slots__ = ("_hub", "committed", "fn", "undo", "waiter")
 
-    def __init__(self, hub: Writer, waiter: _Waiter, fn: Callable[[Job[R]], R]) -> None:
+    def __init__(
+        self,
+        hub: Writer,
+        waiter: _Waiter,
+        fn: Callable[[Job[R]], R],
+        undo: Callable[[R], object] | None = None,
+    ) -> None:
         self._hub = hub
         self.waiter = waiter
         self.fn = fn
+        self.undo = undo
         self.committed = False
 
     @property
@@ -682,35 +780,48 @@ class Writer(_Hub):
     def _reset(self) -> None:
         super()._reset()
         self._jobs: deque[Job[Any]] = deque()
-        self._done: deque[tuple[_Waiter, Any, BaseException | None]] = deque()
+        self._done: deque[
+            tuple[_Waiter, Any, BaseException | None, Callable[[Any], object] | None]
+        ] = deque()
 
     @property
     def busy(self) -> bool:
         """True while sends are pending: a new send must queue behind them to keep FIFO order."""
         return bool(self._jobs)
 
-    async def run(self, fn: Callable[[Job[R]], R]) -> R:
+    async def run(self, fn: Callable[[Job[R]], R], undo: Callable[[R], object] | None = None) -> R:
         """Run ``fn`` in the writer thread, after the sends queued before it.
 
-        If cancelled before ``fn`` committed, nothing was sent; after that, the send completes and
-        the cancellation is still raised.
+        If cancelled before ``fn`` committed, nothing was done. After that, ``fn`` completes; if
+        its result can no longer reach the caller (cancelled meanwhile), ``undo(result)`` is called
+        when given, so that the caller's cancellation means "not done"; without ``undo`` the work
+        stays done and the cancellation is still raised. If the writer is closed before ``fn``
+        committed, the call raises :class:`aioipc.ClosedResourceError`.
         """
         loop = current_loop()
         with self._lock:
             if self._closed:
                 raise ClosedResourceError
             waiter = _Waiter(loop, 1)
-            job: Job[R] = Job(self, waiter, fn)
+            job: Job[R] = Job(self, waiter, fn, undo)
             self._enqueue(waiter)
             self._jobs.append(job)
-            if self._thread is None:
-                self._start_thread(self._run, "writer")
-            else:
-                self._wakeup.notify()
+            try:
+                if self._thread is None:
+                    self._start_thread(self._run, "writer")
+                else:
+                    self._wakeup.notify()
+            except BaseException:  # no thread could start: leave no job behind
+                self._jobs.remove(job)
+                self._discard(waiter)
+                self._thread = None
+                raise
         try:
             await loop.park(waiter, self._abandon)
         except BaseException:
             self._abandon(waiter)
+            if waiter.items and undo is not None:  # done, but the caller is gone: undo it
+                undo(waiter.items[0])
             raise
         if waiter.error is not None:
             raise waiter.error
@@ -720,6 +831,12 @@ class Writer(_Hub):
     def _abandon(self, waiter: _Waiter) -> None:
         with self._lock:
             self._discard(waiter)
+            undone = [entry for entry in self._done if entry[0] is waiter]
+            for entry in undone:
+                self._done.remove(entry)
+        for _, result, error, undo in undone:  # finished for a caller that has gone
+            if error is None and undo is not None:
+                undo(result)
 
     def _run(self) -> None:
         while True:
@@ -739,11 +856,16 @@ class Writer(_Hub):
             with self._lock:
                 if self._jobs and self._jobs[0] is job:  # close() may have cleared the FIFO
                     self._jobs.popleft()
+                if error is None and not job.committed and job.abandoned:
+                    # Closed (or abandoned) before it could happen: not done.
+                    error = ClosedResourceError()
                 if not job.waiter.dead:
-                    self._done.append((job.waiter, result, error))
+                    self._done.append((job.waiter, result, error, job.undo))
                     loops = self._loops_to_wake()
                 else:
                     loops = []
+                    if job.committed and job.undo is not None and error is None:
+                        job.undo(result)
             self._request_delivery(loops)
 
     def _deliver(self, loop: LoopHandle) -> None:
@@ -751,11 +873,13 @@ class Writer(_Hub):
             self._loops[loop].delivery_pending = False
             woken = []
             for _ in range(len(self._done)):
-                waiter, result, error = self._done.popleft()
+                waiter, result, error, undo = self._done.popleft()
                 if waiter.loop is not loop:
-                    self._done.append((waiter, result, error))
+                    self._done.append((waiter, result, error, undo))
                     continue
                 if waiter.dead:
+                    if error is None and undo is not None:
+                        undo(result)
                     continue
                 self._discard_delivered(waiter)
                 waiter.items = [result]

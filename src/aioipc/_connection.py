@@ -47,7 +47,8 @@ import anyio
 
 from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer, _Waiter, current_loop
 from ._exceptions import ClosedResourceError
-from ._mpqueue import POLL_SLICE, available, dumps
+from ._mpqueue import POLL_SLICE
+from ._wire import available, dumps
 
 SendT = TypeVar("SendT")
 RecvT = TypeVar("RecvT")

@@ -16,34 +16,43 @@ big-endian length (or -1 and an 8-byte length), then the pickle.
 from __future__ import annotations
 
 import collections
-import copyreg
 import errno
-import fcntl
-import io
 import os
 import select
-import struct
-import sys
-import termios
 import threading
 import time
 import weakref
-from collections.abc import Iterable
 from multiprocessing import context, util
 from multiprocessing.connection import Pipe
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, TypeVar
 
 from ._exceptions import Empty, Full, ShutDown
+from ._wire import (
+    HEADER,
+    JOIN_MAX,
+    LONG_HEADER,
+    PIPE_BUF,
+    Frame,
+    available,
+    dumps,
+    frame,
+    read_body,
+    read_exact,
+    read_frame,
+    read_into,
+    write_all,
+)
 
 T = TypeVar("T")
 
-_HEADER = struct.Struct("!i")
-_LONG_HEADER = struct.Struct("!Q")
-#: A frame's body as read from the pipe.
-Frame = bytes | bytearray | memoryview
-#: How long a blocked call sleeps at most before it looks at the shared shutdown flag again.
+#: How long a blocked call sleeps at most before it looks at the shared shutdown flag again
+#: (so that waiters in every process see ``shutdown()`` within about this long).
 POLL_SLICE = 0.05
+#: ``join()`` first sleeps this long between looks at the shared count, doubling up to POLL_SLICE.
+_JOIN_FIRST_SLEEP = 0.001
+#: The largest ``maxsize``: a POSIX semaphore's SEM_VALUE_MAX on Linux and macOS.
+MAXSIZE_LIMIT = 2**31 - 1
 
 # Shared state block: indices into a RawArray of signed 64-bit integers.
 _COUNT, _SHUTDOWN, _UNFINISHED = 0, 1, 2
@@ -88,52 +97,6 @@ class EndMarker:
         self.error = error
 
 
-class _Pickling(threading.local):
-    """One reusable pickler per thread: building a ForkingPickler copies the reducer tables,
-    which costs more than pickling a small object. It is rebuilt when reducers were registered
-    since (``copyreg.pickle``, ``ForkingPickler.register``)."""
-
-    def __init__(self) -> None:
-        self.busy = False
-        self.build()
-
-    def build(self) -> None:
-        self.buffer = io.BytesIO()
-        self.pickler = ForkingPickler(self.buffer)
-        self.tables = _reducer_tables()
-
-
-def _reducer_tables() -> tuple[int, int]:
-    return len(copyreg.dispatch_table), len(getattr(ForkingPickler, "_extra_reducers", ()))
-
-
-_pickling = _Pickling()
-
-
-def dumps(obj: object) -> memoryview:
-    """Pickle ``obj`` for another process, or raise TypeError naming its type."""
-    state = _pickling
-    try:
-        if state.busy:  # called from inside a __reduce__ of the object being pickled
-            return ForkingPickler.dumps(obj)
-        if state.tables != _reducer_tables():
-            state.build()
-        state.busy = True
-        try:
-            state.pickler.dump(obj)
-            return memoryview(state.buffer.getvalue())
-        finally:
-            state.buffer.seek(0)
-            state.buffer.truncate()
-            state.pickler.clear_memo()
-            state.busy = False
-    except Exception as exc:
-        raise TypeError(
-            f"cannot send a {type(obj).__module__}.{type(obj).__qualname__} object to another "
-            f"process: it cannot be pickled ({type(exc).__name__}: {exc})"
-        ) from exc
-
-
 def loads(frame: Frame) -> Any:
     try:
         return ForkingPickler.loads(frame)
@@ -141,63 +104,18 @@ def loads(frame: Frame) -> Any:
         return UnpicklingFailed(exc)
 
 
-def frame(data: bytes | memoryview) -> list[bytes | memoryview]:
-    n = len(data)
-    if n > 0x7FFFFFFF:
-        return [_HEADER.pack(-1), _LONG_HEADER.pack(n), data]
-    return [_HEADER.pack(n), data]
-
-
-#: A chunk this large is written as it is; smaller ones are joined into few ``write`` calls.
-_JOIN_MAX = 16 * 1024
-
-
-def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write whole frames to the pipe: small chunks joined into few ``write`` calls, large ones
-    written without a copy."""
-    pending: list[bytes | memoryview] = []
-    size = 0
-    for chunk in chunks:
-        if len(chunk) >= _JOIN_MAX:
-            if pending:
-                _write(fd, b"".join(pending))
-                pending.clear()
-                size = 0
-            _write(fd, chunk)
-            continue
-        pending.append(chunk)
-        size += len(chunk)
-        if size >= 65536:
-            _write(fd, b"".join(pending))
-            pending.clear()
-            size = 0
-    if pending:
-        _write(fd, b"".join(pending))
-
-
-def _write(fd: int, buf: bytes | memoryview) -> None:
-    """Write all of ``buf`` to the queue's pipe, whose write end is non-blocking: wait for room."""
-    view = memoryview(buf)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            select.select([], [fd], [])
-
-
-#: A frame this small is written whole or not at all by one non-blocking write (POSIX PIPE_BUF).
-_ATOMIC_FRAME = getattr(select, "PIPE_BUF", 512)
-
-
 #: Bytes a queue's pipe may hold once large items go through it (Linux lets an unprivileged
 #: process go up to pipe-max-size, 1 MiB by default): room for several large items, so that a
-#: reader takes them in one batch. Pipes count against a per-user budget (64 MiB by default), so
-#: a queue's pipe grows only when the first item that would not fit the default size is put.
+#: writer rarely waits for the reader. Pipes count against a per-user budget (64 MiB by default),
+#: so a queue's pipe grows only when the first item that would not fit the default size is put.
+#: Pinned by the 64 KiB and 1 MiB throughput rows of the benchmarks.
 PIPE_SIZE = 1 << 20
 
 
 def _grow_pipe(fd: int) -> None:
     """Enlarge a pipe's buffer where the platform allows it (Linux); keep the default otherwise."""
+    import fcntl
+
     set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
     if set_size is not None:
         try:
@@ -206,98 +124,15 @@ def _grow_pipe(fd: int) -> None:
             pass
 
 
-def available(fd: int) -> int:
-    """Bytes waiting in a pipe or socket (FIONREAD)."""
-    buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
-    return int.from_bytes(buf, sys.byteorder, signed=True)
+class _Partial:
+    """A frame whose header this process has read while its body had not all arrived: the process
+    keeps the read lock until the frame is whole (nobody else could find the next frame)."""
 
+    __slots__ = ("body", "got")
 
-def _read_into(fd: int, view: memoryview) -> None:
-    """Fill ``view`` from a blocking fd."""
-    while view:
-        n = os.readv(fd, [view])
-        if not n:
-            raise OSError("got end of file during message")
-        view = view[n:]
-
-
-def read_exact(fd: int, n: int) -> bytes:
-    """Read exactly ``n`` bytes from a blocking fd (EOFError on a clean end before any byte)."""
-    chunks = []
-    remaining = n
-    while remaining > 0:
-        chunk = os.read(fd, remaining)
-        if not chunk:
-            if remaining == n:
-                raise EOFError
-            raise OSError("got end of file during message")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _read_size(fd: int) -> int:
-    """Read a frame header from a blocking fd: the size of the body that follows."""
-    (size,) = _HEADER.unpack(read_exact(fd, 4))
-    if size == -1:
-        (size,) = _LONG_HEADER.unpack(read_exact(fd, 8))
-    return size  # type: ignore[no-any-return]
-
-
-def _read_body(fd: int, size: int) -> Frame:
-    if size < _JOIN_MAX:
-        return read_exact(fd, size)
-    body = bytearray(size)
-    _read_into(fd, memoryview(body))
-    return body
-
-
-def read_frame(fd: int) -> Frame:
-    """One whole frame, blocking until it has arrived."""
-    return _read_body(fd, _read_size(fd))
-
-
-#: A frame this large is read alone, straight into its own buffer (never through a batch read).
-_ALONE_FRAME = 256 * 1024
-
-
-def read_frames(fd: int, max_bytes: int) -> list[Frame]:
-    """The frames already in the pipe (at least one byte must be there), reading at most about
-    ``max_bytes``; a frame that has only partly arrived is completed (blocking), never split."""
-    size = _read_size(fd)
-    if size >= _ALONE_FRAME:
-        return [_read_body(fd, size)]
-    chunk = os.read(fd, max(min(available(fd), max_bytes), size))
-    if not chunk and size:
-        raise OSError("got end of file during message")
-    view = memoryview(chunk)
-    frames: list[Frame] = []
-    pos, end = 0, len(chunk)
-    while True:
-        if end - pos >= size:
-            frames.append(view[pos : pos + size])
-            pos += size
-        else:  # the rest of the frame is on its way: read it straight into one buffer
-            body = bytearray(size)
-            body[: end - pos] = view[pos:end]
-            _read_into(fd, memoryview(body)[end - pos :])
-            frames.append(body)
-            pos = end
-        if pos >= end:
-            return frames
-        if end - pos < 4:
-            rest = read_exact(fd, 4 - (end - pos))
-            (size,) = _HEADER.unpack(bytes(view[pos:]) + rest)
-            pos = end
-        else:
-            (size,) = _HEADER.unpack_from(view, pos)
-            pos += 4
-        if size == -1:
-            have = bytes(view[pos : pos + 8])
-            pos = min(pos + 8, end)
-            (size,) = _LONG_HEADER.unpack(
-                have + read_exact(fd, 8 - len(have)) if len(have) < 8 else have
-            )
+    def __init__(self, size: int) -> None:
+        self.body = bytearray(size)
+        self.got = 0
 
 
 class _Feeder:
@@ -318,13 +153,13 @@ class _Feeder:
         # Flush what this process put before it exits (multiprocessing's own queues do the same).
         self._finalizer = util.Finalize(self, _Feeder._flush, (weakref.ref(self),), exitpriority=-5)
 
-    def __len__(self) -> int:
-        return len(self._buffer)
-
-    def discard(self) -> None:
-        """Drop what was put and not yet written (an immediate shutdown)."""
+    def discard(self) -> int:
+        """Drop what was put and not yet written (an immediate shutdown); return how many items
+        that was."""
         with self._cond:
+            n = sum(1 for data in self._buffer if not _is_mark(data))
             self._buffer.clear()
+        return n
 
     def put(self, data: memoryview | bytes) -> None:
         with self._cond:
@@ -392,17 +227,29 @@ class SyncQueue(Generic[T]):
     It has the methods of :class:`multiprocessing.Queue` (and, when joinable, of
     :class:`multiprocessing.JoinableQueue`), and honours :meth:`shutdown` like the async face:
     ``put`` raises :class:`aioipc.ShutDown` and ``get`` returns what is still queued, then raises
-    it.
+    it. A blocked ``get`` waits for data without holding the queue's read lock, so a consumer
+    killed while it waits blocks nobody.
     Pass it (or the async queue that owns it) to child processes as an argument.
     """
 
-    def __init__(self, maxsize: int = 0, *, ctx: Any = None, joinable: bool = False) -> None:
+    def __init__(
+        self, maxsize: int = 0, *, ctx: context.BaseContext | None = None, joinable: bool = False
+    ) -> None:
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
             raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
+        if maxsize > MAXSIZE_LIMIT:
+            raise ValueError(
+                f"maxsize must be at most {MAXSIZE_LIMIT} (a semaphore's limit), not {maxsize}"
+            )
         if ctx is None:
             import multiprocessing
 
             ctx = multiprocessing.get_context()
+        elif not isinstance(ctx, context.BaseContext):
+            raise TypeError(
+                "ctx must be a multiprocessing context (multiprocessing.get_context(...)), "
+                f"not {type(ctx).__name__}"
+            )
         self._maxsize = maxsize if maxsize > 0 else 0
         self._reader, self._writer = Pipe(duplex=False)
         # Writers wait for room themselves (poll), so that a put can try a write that cannot block.
@@ -412,7 +259,6 @@ class SyncQueue(Generic[T]):
         self._slock = ctx.Lock()
         self._sem = ctx.BoundedSemaphore(maxsize) if maxsize > 0 else None
         self._state = ctx.RawArray("q", 3)
-        self._cond = ctx.Condition(self._slock) if joinable else None
         self._joinable = joinable
         self._closed = False
         self._reset_local()
@@ -420,23 +266,24 @@ class SyncQueue(Generic[T]):
     def _reset_local(self) -> None:
         """Forget this process's threads (at creation, unpickling, and in a forked child)."""
         self._feeder: _Feeder | None = None
-        self._poller: Any = None
-        self._poller_fd = -1
         self._join_feeder_at_exit = True
         self._pipe_grown = False
+        self._partial: _Partial | None = None
+        #: Serialises the threads of this process that may finish a partly read frame.
+        self._partial_lock = threading.Lock()
         _live_queues.add(self)
 
     def __getstate__(self) -> tuple[Any, ...]:
         context.assert_spawning(self)
         return (
             self._maxsize, self._reader, self._writer, self._rlock, self._wlock, self._slock,
-            self._sem, self._state, self._cond, self._joinable,
+            self._sem, self._state, self._joinable,
         )  # fmt: skip
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         (
             self._maxsize, self._reader, self._writer, self._rlock, self._wlock, self._slock,
-            self._sem, self._state, self._cond, self._joinable,
+            self._sem, self._state, self._joinable,
         ) = state  # fmt: skip
         self._closed = False
         self._reset_local()
@@ -460,7 +307,7 @@ class SyncQueue(Generic[T]):
         """
         self._check_open()
         data = dumps(obj)
-        if self._sem is not None and not self._acquire_room(block, timeout):
+        if self._sem is not None and not self.acquire_room(block, timeout):
             raise Full
         self.feed(data)
 
@@ -468,9 +315,13 @@ class SyncQueue(Generic[T]):
         """Put ``obj`` without waiting; raise :class:`aioipc.Full` if a bounded queue is full."""
         self.put(obj, block=False)
 
-    def _acquire_room(self, block: bool, timeout: float | None) -> bool:
-        assert self._sem is not None
-        if self._sem.acquire(False):
+    def acquire_room(self, block: bool = True, timeout: float | None = None) -> bool:
+        """Take a slot of a bounded queue, waiting up to ``timeout`` (always True when unbounded).
+
+        Raises :class:`aioipc.ShutDown` if the queue is shut down while waiting.
+        """
+        sem = self._sem
+        if sem is None or sem.acquire(False):
             return True
         if not block:
             return False
@@ -480,12 +331,8 @@ class SyncQueue(Generic[T]):
             wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
             if wait <= 0:
                 return False
-            if self._sem.acquire(True, wait):
+            if sem.acquire(True, wait):
                 return True
-
-    def try_room(self) -> bool:
-        """Take a slot of a bounded queue without waiting (always True when unbounded)."""
-        return self._sem is None or self._sem.acquire(False)
 
     def release_room(self, n: int = 1) -> None:
         """Free ``n`` slots of a bounded queue (items handed out by a get)."""
@@ -508,17 +355,17 @@ class SyncQueue(Generic[T]):
 
     def _feed_raw(self, data: memoryview | bytes) -> None:
         """Write a pickle to the pipe now if that cannot block, else hand it to the feeder."""
-        if len(data) >= _JOIN_MAX and not self._pipe_grown:
+        if len(data) >= JOIN_MAX and not self._pipe_grown:
             _grow_pipe(self._writer.fileno())
             self._pipe_grown = True
         feeder = self._feeder
         if (
-            len(data) <= _ATOMIC_FRAME - 4
+            len(data) <= PIPE_BUF - HEADER.size
             and (feeder is None or feeder.idle)
             and self._wlock.acquire(False)
         ):
             try:
-                os.write(self._writer.fileno(), _HEADER.pack(len(data)) + data)
+                os.write(self._writer.fileno(), HEADER.pack(len(data)) + data)
                 return
             except BlockingIOError:  # the pipe is full: the feeder will wait for room
                 pass
@@ -533,31 +380,33 @@ class SyncQueue(Generic[T]):
     def get(self, block: bool = True, timeout: float | None = None) -> T:
         """Remove and return an item, waiting for one if needed.
 
-        Raises :class:`aioipc.Empty` if none arrives within ``timeout`` (or at once when ``block``
-        is false), :class:`aioipc.ShutDown` once the queue is shut down and drained,
-        ``ValueError`` if this process closed the queue.
+        It waits for data without holding the queue's read lock; the lock is held only while an
+        item that has arrived is read. Raises :class:`aioipc.Empty` if none arrives within
+        ``timeout`` (or at once when ``block`` is false), :class:`aioipc.ShutDown` once the queue
+        is shut down and drained, ``ValueError`` if this process closed the queue.
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         fd = self._reader.fileno()
+        poller: select.poll | None = None
+        lock_wait = 0.0
         while True:
             if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
                 raise ShutDown
-            wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
-            if not block:
-                wait = 0
-            if self._rlock.acquire(block, max(wait, 0)):
-                try:
-                    if self._poll_readable(fd, max(wait, 0)):
-                        data = read_frame(fd)
-                        break
-                finally:
-                    self._rlock.release()
+            data = self.take_frame(finish=True, lock_wait=lock_wait)
+            if data is not None:
+                break
             if self._drained_after_shutdown():
                 raise ShutDown
-            if not block or (deadline is not None and time.monotonic() >= deadline):
+            wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
+            if not block or wait <= 0:
                 raise Empty
-        items, end = self._decode([data])
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+            # Wait for data without the read lock; once data is there, wait for the lock.
+            lock_wait = wait if poller.poll(wait * 1000) else 0.0
+        items, end = self.decode([data])
         if end is not None:
             raise end
         item = items[0]
@@ -569,18 +418,61 @@ class SyncQueue(Generic[T]):
         """Remove and return an item if one is there; else raise :class:`aioipc.Empty`."""
         return self.get(block=False)
 
-    def _poll_readable(self, fd: int, timeout: float) -> bool:
-        if self._poller_fd != fd:
-            self._poller = select.poll()
-            self._poller.register(fd, select.POLLIN)
-            self._poller_fd = fd
-        return bool(self._poller.poll(timeout * 1000))
+    def take_frame(self, *, finish: bool, lock_wait: float = 0.0) -> Frame | None:
+        """Take one whole frame that has arrived, without waiting for data; None if there is none,
+        or another reader holds the read lock (for longer than ``lock_wait`` seconds).
+
+        A frame whose body has only partly arrived is finished here if ``finish`` (a blocking
+        caller); otherwise this process keeps the read lock and the frame for :meth:`read`, and
+        None is returned: :attr:`has_partial` tells.
+        """
+        if self._partial is not None:
+            return self._finish_partial() if finish else None
+        if not (self._rlock.acquire(True, lock_wait) if lock_wait else self._rlock.acquire(False)):
+            return None
+        fd = self._reader.fileno()
+        try:
+            n = available(fd)
+            if n < HEADER.size:
+                return None
+            (size,) = HEADER.unpack(os.read(fd, HEADER.size))
+            n -= HEADER.size
+            if size < 0:
+                (size,) = LONG_HEADER.unpack(read_exact(fd, LONG_HEADER.size))
+                n -= LONG_HEADER.size
+            if n >= size:
+                return read_body(fd, size)
+            self._partial = _Partial(size)
+        finally:
+            if self._partial is None:
+                self._rlock.release()
+        return self._finish_partial() if finish else None
+
+    @property
+    def has_partial(self) -> bool:
+        """True while this process holds a frame whose body has not all arrived (and the lock)."""
+        return self._partial is not None
+
+    def _finish_partial(self) -> Frame | None:
+        """Read the rest of the partly read frame (blocking), then release the read lock."""
+        with self._partial_lock:
+            partial = self._partial
+            if partial is None:  # another thread of this process finished it
+                return None
+            try:
+                view = memoryview(partial.body)[partial.got :]
+                read_into(self._reader.fileno(), view)
+            finally:
+                self._partial = None
+                self._rlock.release()
+            return partial.body
 
     def read(
         self, max_items: int, max_bytes: int, wake_fd: int
     ) -> tuple[list[T], BaseException | None]:
-        """For the bridge's reader thread: wait for items (without holding the read lock), then
-        take those already there. Returns early when ``wake_fd`` is readable."""
+        """For the bridge's reader thread: wait for items without holding the read lock, then take
+        up to ``max_items`` whole frames that are there (and about ``max_bytes`` at most), never
+        more. Returns early, with nothing, when ``wake_fd`` is readable."""
         fd = self._reader.fileno()
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -589,31 +481,53 @@ class SyncQueue(Generic[T]):
         while True:
             if state[_SHUTDOWN] == _SHUT_IMMEDIATE:
                 return [], ShutDown()
-            events = poller.poll(POLL_SLICE * 1000)
-            if any(event_fd == wake_fd for event_fd, _ in events):
-                return [], None
-            if not events:
-                if self._drained_after_shutdown():
-                    return [], ShutDown()
-                continue
-            if not self._rlock.acquire(True, POLL_SLICE):
-                continue
-            try:
-                if not available(fd):
-                    continue  # another process took it
-                if max_items == 1:
-                    frames: list[Frame] = [read_frame(fd)]
-                else:
-                    frames = read_frames(fd, max_bytes)
-            finally:
-                self._rlock.release()
-            # Prefetched items keep their slot of a bounded queue until a get hands them out.
-            return self._decode(frames, release_room=False)
+            frames: list[Frame] = []
+            if self._partial is not None:
+                first = self._finish_partial()
+                if first is not None:
+                    frames.append(first)
+            if not frames:
+                events = poller.poll(POLL_SLICE * 1000)
+                if any(event_fd == wake_fd for event_fd, _ in events):
+                    return [], None
+                if not events:
+                    if self._drained_after_shutdown():
+                        return [], ShutDown()
+                    continue
+                if not self._rlock.acquire(True, POLL_SLICE):
+                    continue
+                try:
+                    if available(fd):
+                        frames.append(read_frame(fd))
+                        self._read_more(fd, frames, max_items, max_bytes)
+                finally:
+                    self._rlock.release()
+            elif len(frames) < max_items and self._rlock.acquire(False):
+                try:
+                    self._read_more(fd, frames, max_items, max_bytes)
+                finally:
+                    self._rlock.release()
+            if frames:
+                # Prefetched items keep their slot of a bounded queue until a get hands them out.
+                return self.decode(frames, release_room=False)
 
-    def _decode(
+    @staticmethod
+    def _read_more(fd: int, frames: list[Frame], max_items: int, max_bytes: int) -> None:
+        """Add the frames that have started to arrive, up to the limits (read lock held)."""
+        size = sum(len(f) for f in frames)
+        while len(frames) < max_items and size < max_bytes and available(fd):
+            data = read_frame(fd)
+            frames.append(data)
+            size += len(data)
+
+    def decode(
         self, frames: list[Frame], *, release_room: bool = True
     ) -> tuple[list[T], BaseException | None]:
-        """Unpickle frames just read; account for them; recognise the shutdown marker."""
+        """Unpickle frames just read; account for them; recognise the shutdown marker.
+
+        With ``release_room`` the items' slots of a bounded queue are freed (they are handed out
+        now); otherwise the caller frees them when it hands them out.
+        """
         end: BaseException | None = None
         items = []
         mark_len = len(_MARK)
@@ -631,12 +545,22 @@ class SyncQueue(Generic[T]):
         if items:
             with self._slock:
                 self._state[_COUNT] -= len(items)
-        immediate = self._state[_SHUTDOWN] == _SHUT_IMMEDIATE
-        if items and (release_room or immediate):
-            self.release_room(len(items))
-        if immediate:
+        if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
+            self.discard_taken(len(items))
             return [], ShutDown()
+        if items and release_room:
+            self.release_room(len(items))
         return items, end
+
+    def discard_taken(self, n: int) -> None:
+        """Items this process took and will never hand out (an immediate shutdown): free their
+        slots and count them as done, as :meth:`task_done` would."""
+        if n <= 0:
+            return
+        self.release_room(n)
+        if self._joinable:
+            with self._slock:
+                self._state[_UNFINISHED] -= n
 
     def giveback(self, items: list[T]) -> None:
         """Put items taken by this process back into the queue (at its end)."""
@@ -669,43 +593,50 @@ class SyncQueue(Generic[T]):
         """True once :meth:`shutdown` was called in any process."""
         return bool(self._state[_SHUTDOWN])
 
+    @property
+    def is_shutdown_immediate(self) -> bool:
+        """True once ``shutdown(immediate=True)`` was called in any process."""
+        return bool(self._state[_SHUTDOWN] == _SHUT_IMMEDIATE)
+
     def shutdown(self, immediate: bool = False) -> None:
         """Shut the queue down for every process.
 
         Afterwards ``put`` raises :class:`aioipc.ShutDown` everywhere and ``get`` returns the items
-        still queued, then raises it. With ``immediate=True`` the queued items are discarded and
-        every waiter wakes at once. Calling it again is harmless (and can upgrade to immediate).
+        still queued, then raises it. With ``immediate=True`` the queued items are discarded (each
+        counted as done, as with :meth:`task_done`) and every waiter wakes at once. Calling it
+        again is harmless (and can upgrade to immediate).
         """
         with self._slock:
             previous = self._state[_SHUTDOWN]
             self._state[_SHUTDOWN] = _SHUT_IMMEDIATE if immediate else max(previous, _SHUT_GRACEFUL)
-            if self._cond is not None:
-                self._cond.notify_all()
         if immediate:
             self._discard_queued()
         if not previous:
             self._feed_raw(_MARK)
 
     def _discard_queued(self) -> None:
-        if self._feeder is not None:
-            self._feeder.discard()
+        feeder = self._feeder
+        if feeder is not None:
+            self._uncount(feeder.discard())
         fd = self._reader.fileno()
+        if self._partial is not None and self._finish_partial() is not None:
+            self._uncount(1)
         if not self._rlock.acquire(True, 1.0):
             return
         try:
             while available(fd):
-                frames = read_frames(fd, 1 << 20)
-                real = sum(1 for f in frames if not (len(f) == len(_MARK) and f == _MARK))
-                with self._slock:
-                    self._state[_COUNT] -= real
-                    if self._joinable:
-                        self._state[_UNFINISHED] -= real
-                self.release_room(real)
+                data = read_frame(fd)
+                if not _is_mark(data):
+                    self._uncount(1)
         finally:
             self._rlock.release()
-        if self._cond is not None:
-            with self._cond:
-                self._cond.notify_all()
+
+    def _uncount(self, n: int) -> None:
+        """``n`` queued items were discarded: not queued any more, and done."""
+        if n:
+            with self._slock:
+                self._state[_COUNT] -= n
+            self.discard_taken(n)
 
     def _drained_after_shutdown(self) -> bool:
         """Shut down, and no item is left in the pipe or in any process's feeder (the count covers
@@ -727,37 +658,39 @@ class SyncQueue(Generic[T]):
 
     def task_done(self) -> None:
         """Tell the queue that an item taken earlier has been processed (joinable queues only)."""
-        if self._cond is None:
+        if not self._joinable:
             raise ValueError("task_done() needs a JoinableQueue")
-        with self._cond:
+        with self._slock:
             if self._state[_UNFINISHED] <= 0:
                 raise ValueError("task_done() called more times than there were items")
             self._state[_UNFINISHED] -= 1
-            if self._state[_UNFINISHED] == 0:
-                self._cond.notify_all()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Block until every item put has been taken and marked done, or the queue is shut down
-        and drained; return False if ``timeout`` passed first (joinable queues only)."""
-        if self._cond is None:
+        """Block until every item put has been taken and marked done with :meth:`task_done`;
+        return False if ``timeout`` passed first (joinable queues only).
+
+        As in Python 3.13's queues, a shutdown does not end the wait by itself: an immediate one
+        counts the items it discards as done, and items already handed out still need their
+        :meth:`task_done`. The wait reads the shared count in short sleeps and holds no lock, so a
+        process killed while it waits here leaves nothing behind.
+        """
+        if not self._joinable:
             raise ValueError("join() needs a JoinableQueue")
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while not self._joined():
-                wait = POLL_SLICE if deadline is None else deadline - time.monotonic()
-                if wait <= 0:
+        sleep = _JOIN_FIRST_SLEEP
+        while not self.joined():
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     return False
-                self._cond.wait(min(wait, POLL_SLICE))
+                sleep = min(sleep, left)
+            time.sleep(sleep)
+            sleep = min(sleep * 2, POLL_SLICE)
         return True
 
-    def _joined(self) -> bool:
-        state = self._state
-        shutdown = state[_SHUTDOWN]
-        return bool(
-            state[_UNFINISHED] <= 0
-            or shutdown == _SHUT_IMMEDIATE
-            or (shutdown == _SHUT_GRACEFUL and state[_COUNT] <= 0)
-        )
+    def joined(self) -> bool:
+        """True when every item put has been marked done (joinable queues)."""
+        return bool(self._state[_UNFINISHED] <= 0)
 
     # -- closing --
 
@@ -786,6 +719,10 @@ class SyncQueue(Generic[T]):
         self._join_feeder_at_exit = False
         if self._feeder is not None:
             self._feeder.join_at_exit = False
+
+
+def _is_mark(data: Frame) -> bool:
+    return len(data) == len(_MARK) and data == _MARK
 
 
 __all__ = [

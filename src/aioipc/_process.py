@@ -37,7 +37,8 @@ import anyio
 
 from ._bridge import LoopHandle, current_loop
 from ._exceptions import BrokenResourceError, ProcessFailed
-from ._mpqueue import EndMarker, SyncQueue, available, dumps
+from ._mpqueue import EndMarker, SyncQueue
+from ._wire import available, dumps
 
 if TYPE_CHECKING:
     from ._queue import Queue
@@ -516,7 +517,8 @@ class _QueueLink:
         queue = self._queue()
         if queue is None or queue._closed or self._ended:
             return self._done()
-        channel: SyncQueue[Any] = queue._channel
+        channel = queue._channel
+        assert isinstance(channel, SyncQueue)
         try:
             verdict = self._probe(channel)
         except (OSError, ValueError):  # the queue was closed in this process meanwhile

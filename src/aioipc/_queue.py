@@ -2,25 +2,40 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import queue as stdlib_queue
+import time
 import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing import context
+from multiprocessing.context import BaseContext
 from multiprocessing.managers import BaseProxy
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer
 from ._exceptions import Empty, Full, ShutDown
-from ._mpqueue import POLL_SLICE, SHUTDOWN_MARKER, SyncQueue, UnpicklingFailed, dumps
+from ._mpqueue import POLL_SLICE, SHUTDOWN_MARKER, SyncQueue, UnpicklingFailed
 from ._process import link_producers
+from ._wire import dumps
 
 T = TypeVar("T")
 
-#: Items a process may take from the shared queue ahead of its waiting coroutines.
-DEFAULT_PREFETCH = 64
+#: Items a process may take from the shared queue ahead of its waiting coroutines: none, as with
+#: multiprocessing's own queues, so that consumer processes share the work.
+DEFAULT_PREFETCH = 0
+#: The largest ``prefetch`` accepted: a bound on the memory one process may hold.
+MAX_PREFETCH = 1 << 20
+
+
+def _check_prefetch(prefetch: object) -> int:
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool):
+        raise TypeError(f"prefetch must be an int, not {type(prefetch).__name__}")
+    if not 0 <= prefetch <= MAX_PREFETCH:
+        raise ValueError(f"prefetch must be between 0 and {MAX_PREFETCH}, not {prefetch}")
+    return prefetch
 
 
 class SyncQueueLike(Protocol[T]):
@@ -33,6 +48,9 @@ class SyncQueueLike(Protocol[T]):
     def qsize(self) -> int: ...
     def empty(self) -> bool: ...
     def full(self) -> bool: ...
+    def close(self) -> None: ...
+    def join_thread(self) -> None: ...
+    def cancel_join_thread(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -57,10 +75,11 @@ class _Foreign:
     def __init__(self, obj: Any) -> None:
         self.obj = obj
         self.maxsize: int = getattr(obj, "_maxsize", None) or getattr(obj, "maxsize", 0) or 0
-        if self.maxsize >= 2**31 - 1:  # multiprocessing's "unbounded"
+        if self.maxsize >= 2**31 - 1:  # multiprocessing's "unbounded" (SEM_VALUE_MAX)
             self.maxsize = 0
         self.is_proxy = isinstance(obj, BaseProxy)
         self.is_shutdown = False
+        self.is_shutdown_immediate = False
 
     def read(
         self, max_items: int, max_bytes: int, wake_fd: int
@@ -74,6 +93,16 @@ class _Foreign:
                 items.append(self.obj.get_nowait())
             except stdlib_queue.Empty:
                 break
+        return self._unmark(items)
+
+    def take_nowait(self) -> list[Any]:
+        """One item if the wrapped queue has one now (``[]`` if not)."""
+        try:
+            return [self.obj.get_nowait()]
+        except stdlib_queue.Empty:
+            return []
+
+    def _unmark(self, items: list[Any]) -> tuple[list[Any], BaseException | None]:
         if any(item is SHUTDOWN_MARKER for item in items):
             self.is_shutdown = True
             self.obj.put(SHUTDOWN_MARKER)  # for the next process
@@ -93,36 +122,49 @@ class _Foreign:
         except stdlib_queue.Full:
             raise Full from None
 
-    def put_waiting(self, item: Any, job: Job[None]) -> None:
+    def wait_room(self, job: Job[bool]) -> bool:
+        """In the writer thread: wait until the wrapped queue has room (the put itself happens on
+        the caller's side, so that a cancelled put never puts)."""
+        sleep = 0.001
         while not job.abandoned:
             if self.is_shutdown:
                 raise ShutDown
-            try:
-                self.obj.put(item, True, POLL_SLICE)
-            except stdlib_queue.Full:
-                continue
-            job.commit()
-            return
+            if not self.obj.full():
+                return job.commit()
+            time.sleep(sleep)
+            sleep = min(sleep * 2, POLL_SLICE)
+        return False
 
     def qsize(self) -> int:
         return int(self.obj.qsize())
 
     def shutdown(self, immediate: bool) -> None:
         if immediate:
+            self.is_shutdown_immediate = True
             while True:
                 try:
                     self.obj.get_nowait()
                 except stdlib_queue.Empty:
                     break
+                if hasattr(self.obj, "task_done"):
+                    self.obj.task_done()
         if not self.is_shutdown:
             self.is_shutdown = True
             self.obj.put(SHUTDOWN_MARKER)
+
+    def discard_taken(self, n: int) -> None:
+        if hasattr(self.obj, "task_done"):
+            for _ in range(n):
+                self.obj.task_done()
 
     def task_done(self) -> None:
         self.obj.task_done()
 
     def join_waiting(self, job: Job[None]) -> None:
         self.obj.join()
+
+    def release_room(self, n: int = 1) -> None:
+        """Slots of a wrapped queue are freed by its own ``get``."""
 
     def close(self) -> None:
         pass
@@ -137,16 +179,25 @@ class Queue(AsyncResource, Generic[T]):
     may put and get, synchronously through :attr:`sync` or asynchronously with its own event loop.
 
     ``maxsize`` bounds the queue (0: unbounded). ``ctx`` is the multiprocessing context whose locks
-    it uses (default: multiprocessing's default context). ``prefetch`` is how many items this
-    process's reader thread may take ahead of the coroutines waiting for them; ``prefetch=0`` takes
-    only what waiters ask for, for strict fairness between consumer processes.
+    it uses (default: multiprocessing's default context).
+
+    A process takes an item off the shared queue only for a coroutine of its own that waits for
+    one (``get``, ``get_batch``, ``async for``), as :class:`multiprocessing.Queue` does, so that
+    consumer processes share the work. ``prefetch`` lets this process's reader take up to that
+    many more items while its coroutines wait, for a consumer that wants throughput more than
+    fairness; the default is 0.
     """
 
     _joinable = False
 
     def __init__(
-        self, maxsize: int = 0, *, ctx: Any = None, prefetch: int = DEFAULT_PREFETCH
+        self,
+        maxsize: int = 0,
+        *,
+        ctx: BaseContext | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
     ) -> None:
+        _check_prefetch(prefetch)
         self._setup(SyncQueue(maxsize, ctx=ctx, joinable=self._joinable), prefetch, owner=True)
 
     @classmethod
@@ -157,8 +208,12 @@ class Queue(AsyncResource, Generic[T]):
         The wrapped queue keeps working for its other users. Differences from a queue built by
         aioipc: ``shutdown()`` reaches other processes through a marker item (aioipc readers
         recognise it; plain ``get()`` callers receive it), ``qsize()`` is the wrapped object's own,
-        and a cancelled ``join()`` leaves a thread waiting until the queue is joined.
+        ``get_nowait()`` and a ``put()`` that finds room call the wrapped object on the event
+        loop's thread (a manager round trip for a proxy), a waiting ``get()`` holds the wrapped
+        queue's read lock in this process's reader thread (as its own ``get`` does), and a
+        cancelled ``join()`` leaves a thread waiting until the queue is joined.
         """
+        _check_prefetch(prefetch)
         if isinstance(obj, Queue):
             raise TypeError("this is an aioipc queue already; use it as it is")
         if cls._joinable and not hasattr(obj, "task_done"):
@@ -170,7 +225,7 @@ class Queue(AsyncResource, Generic[T]):
         self._setup(channel, prefetch, owner=False)
         return self
 
-    def _setup(self, channel: Any, prefetch: int, *, owner: bool) -> None:
+    def _setup(self, channel: SyncQueue[T] | _Foreign, prefetch: int, *, owner: bool) -> None:
         self._channel = channel
         self._prefetch = prefetch
         self._reader: Reader[T] = Reader(channel, name="queue", prefetch=prefetch)
@@ -179,6 +234,8 @@ class Queue(AsyncResource, Generic[T]):
         self._checkpoints = Checkpointer()
         #: Our own bounded queues free a slot when a get hands an item out, not when prefetched.
         self._bounded = isinstance(channel, SyncQueue) and channel.maxsize > 0
+        #: Items can be taken on the loop's thread without waiting (not through a manager).
+        self._reads_inline = isinstance(channel, SyncQueue) or not channel.is_proxy
         self._closed = False
         #: The process that built this queue warns if it is left unclosed.
         self._owner_pid = os.getpid() if owner else -1
@@ -187,10 +244,8 @@ class Queue(AsyncResource, Generic[T]):
 
     def __getstate__(self) -> tuple[Any, int]:
         context.assert_spawning(self)
-        return (
-            self._channel if isinstance(self._channel, SyncQueue) else self._channel.obj,
-            self._prefetch,
-        )
+        channel = self._channel
+        return (channel if isinstance(channel, SyncQueue) else channel.obj, self._prefetch)
 
     def __setstate__(self, state: tuple[Any, int]) -> None:
         channel, prefetch = state
@@ -213,14 +268,15 @@ class Queue(AsyncResource, Generic[T]):
     @property
     def sync(self) -> SyncQueueLike[T]:
         """The blocking face of this queue, for synchronous code (a :class:`SyncQueue`, or the
-        object given to :meth:`wrap`). Items this process prefetched are not visible there."""
+        object given to :meth:`wrap`). Items this process holds for its coroutines (a cancelled
+        get's item, prefetch) are not visible there."""
         channel = self._channel
-        return channel if isinstance(channel, SyncQueue) else channel.obj
+        return channel if isinstance(channel, SyncQueue) else cast(SyncQueueLike[T], channel.obj)
 
     @property
     def maxsize(self) -> int:
         """The capacity; 0 means unbounded."""
-        return int(self._channel.maxsize)
+        return self._channel.maxsize
 
     # -- putting --
 
@@ -229,41 +285,40 @@ class Queue(AsyncResource, Generic[T]):
 
         The item is pickled here, so an object that cannot be pickled raises ``TypeError`` at this
         call and the queue stays usable. Raises :class:`aioipc.ShutDown` after ``shutdown()`` and
-        :class:`aioipc.ClosedResourceError` after ``close()``.
+        :class:`aioipc.ClosedResourceError` after ``close()`` (also when it comes while this call
+        waits for room: the item was not put).
 
-        **Cancellation**: if cancelled while waiting for room, the item was not put. Once room is
-        found the item goes in at once; the item is never put twice.
+        **Cancellation**: a cancellation point, even when there is room. If it raises the
+        cancellation, the item was not put; if it returns, the item was put, once. The wait for
+        room runs in this queue's writer thread, which only reserves a slot; the item goes in on
+        the caller's side, after the caller has resumed.
         """
-        if self._checkpoints.due():
-            await self._checkpoints.checkpoint()
+        await self._checkpoints.tick()
         self._check_open()
         channel = self._channel
         if isinstance(channel, SyncQueue):
             data = dumps(item)
-            if not self._writer.busy and channel.try_room():
-                channel.feed(data)
-                return
-            await self._writer.run(lambda job: self._put_waiting(channel, data, job))
-        elif channel.is_proxy or self._writer.busy:
-            dumps(item)
-            await self._writer.run(lambda job: channel.put_waiting(item, job))
-        else:
+            if self._writer.busy or not channel.acquire_room(False):
+                await self._writer.run(
+                    lambda job: _reserve_room(channel, job), lambda _: channel.release_room()
+                )
+            channel.feed(data)
+            return
+        if not self._writer.busy:
             try:
                 channel.put_nowait(item)
-            except Full:
-                await self._writer.run(lambda job: channel.put_waiting(item, job))
-
-    @staticmethod
-    def _put_waiting(channel: SyncQueue[T], data: memoryview, job: Job[None]) -> None:
-        while not job.abandoned:
-            if channel.is_shutdown:
-                raise ShutDown
-            if channel._acquire_room(True, POLL_SLICE):
-                if not job.commit():
-                    channel.release_room()
-                    return
-                channel.feed(data)
                 return
+            except Full:
+                pass
+        else:
+            dumps(item)  # raise here, before waiting
+        while True:
+            await self._writer.run(channel.wait_room)
+            try:
+                channel.put_nowait(item)
+                return
+            except Full:  # another producer took the room first: wait again
+                continue
 
     def put_nowait(self, item: T) -> None:
         """Put ``item`` if there is room now; else raise :class:`aioipc.Full`.
@@ -278,72 +333,143 @@ class Queue(AsyncResource, Generic[T]):
     async def get(self) -> T:
         """Remove and return the next item, waiting for one.
 
+        An item that has arrived in the shared queue is taken on the event loop's thread, without
+        waiting; otherwise this process's reader thread waits and takes one for this call.
         Raises :class:`aioipc.ShutDown` once the queue is shut down and drained,
         :class:`aioipc.ClosedResourceError` after ``close()``, and the unpickling error of an item
         that cannot be rebuilt in this process (the queue goes on).
 
-        **Cancellation**: a cancelled or timed-out ``get()`` loses nothing. An item taken for it
-        goes back to this process's buffer, ahead of newer items, for the next ``get()``.
+        **Cancellation**: a cancellation point, even when an item is there. A cancelled or
+        timed-out ``get()`` loses nothing: an item the reader took for it stays in this process,
+        ahead of newer items, for the next ``get()`` (and goes back into the queue at ``close()``).
         """
-        if self._checkpoints.due():
-            await self._checkpoints.checkpoint()
+        await self._checkpoints.tick()
+        reader = self._reader
         try:
-            item = self._reader.take_nowait()
+            item = reader.take_nowait()
         except IndexError:
-            self._check_open()
-            item = (await self._reader.take(1))[0]
-        if self._bounded:
-            self._channel.release_room()
-        if type(item) is UnpicklingFailed:
-            raise cast(UnpicklingFailed, item).error
-        return item
+            try:
+                if not reader.idle:
+                    raise
+                item = self._take_shared()
+            except IndexError:
+                self._check_open()
+                item = (await reader.take(1))[0]
+        return self._hand_out(item)
 
     async def get_batch(self, max_items: int) -> list[T]:
         """Wait for at least one item, and return it with those already available, up to
         ``max_items`` in all.
 
-        **Cancellation**: as :meth:`get`; the items taken for a cancelled call go back, in order.
+        **Cancellation**: as :meth:`get`; the items taken for a cancelled call stay in this
+        process, in order, for the next getter.
         """
-        if not isinstance(max_items, int) or max_items < 1:
+        if not isinstance(max_items, int) or isinstance(max_items, bool) or max_items < 1:
             raise ValueError(f"max_items must be an int >= 1, not {max_items!r}")
         await self._checkpoints.tick()
         self._check_open()
-        items = await self._reader.take(max_items)
+        items = self._reader.take_many_nowait(max_items)
+        if self._reader.idle:
+            try:
+                while len(items) < max_items:
+                    items.append(self._take_shared())
+            except IndexError:
+                pass
+            except BaseException:
+                self._reader.give_back(items)
+                raise
+        if not items:
+            items = await self._reader.take(max_items)
         for i, item in enumerate(items):
-            if isinstance(item, UnpicklingFailed):
+            if type(item) is UnpicklingFailed:
                 # Hand out the good items before it; or raise it, and keep the rest for later.
                 handed = i or 1
-                self._reader.buffer.extendleft(reversed(items[handed:]))
-                self._handed_out(handed)
-                if i:
-                    return items[:i]
-                raise item.error
-        self._handed_out(len(items))
+                self._reader.give_back(items[handed:])
+                del items[handed:]
+                break
+        if self._channel.is_shutdown_immediate:
+            self._discard_local(len(items))
+            raise ShutDown
+        self._channel.release_room(len(items))
+        if type(items[-1]) is UnpicklingFailed:
+            raise cast(UnpicklingFailed, items[-1]).error
         return items
 
     def get_nowait(self) -> T:
-        """Return an item already in this process or the shared queue, or raise
-        :class:`aioipc.Empty`.
+        """Remove and return an item that has arrived, or raise :class:`aioipc.Empty`.
 
-        It does not wait for the reader thread, so an item put a moment ago by another process
-        (or by this one) may not be visible yet, as with :class:`multiprocessing.Queue`.
+        It takes an item already in this process, or a whole item that has arrived in the shared
+        queue, as :meth:`multiprocessing.Queue.get_nowait` does, without blocking the event loop:
+        an item still being written by its producer counts as not there yet (this process then
+        finishes reading it for its next get). Raises :class:`aioipc.ShutDown` once the queue is
+        shut down and drained.
         """
         try:
             item = self._reader.take_nowait()
         except IndexError:
             self._check_open()
-            if self._channel.is_shutdown and self._channel.qsize() <= 0:
-                raise ShutDown from None
-            raise Empty from None
-        self._handed_out(1)
-        if isinstance(item, UnpicklingFailed):
-            raise item.error
+            if not self._reads_inline:
+                taken = self._channel.take_nowait()  # type: ignore[union-attr]
+                if not taken:
+                    raise Empty from None
+                items, end = self._channel._unmark(taken)  # type: ignore[union-attr]
+                if end is not None:
+                    self._reader.end(end)
+                    raise end from None
+                item = items[0]
+            else:
+                try:
+                    if not self._reader.idle:
+                        raise
+                    item = self._take_shared()
+                except IndexError:
+                    channel = self._channel
+                    if channel.is_shutdown and channel.qsize() <= 0:
+                        raise ShutDown from None
+                    raise Empty from None
+        return self._hand_out(item)
+
+    def _take_shared(self) -> T:
+        """An item that has arrived in the shared queue, taken on this thread without waiting;
+        ``IndexError`` if there is none (or another process is reading)."""
+        channel = self._channel
+        if not isinstance(channel, SyncQueue):
+            if not self._reads_inline:
+                raise IndexError
+            items, end = channel._unmark(channel.take_nowait())
+        else:
+            data = channel.take_frame(finish=False)
+            if data is None:
+                if channel.has_partial and self._reader.idle:
+                    self._reader.owe()  # nobody will wait for it: the reader finishes it
+                raise IndexError
+            # The slot of a bounded queue is freed by _hand_out.
+            items, end = channel.decode([data], release_room=False)
+        if end is not None:
+            self._reader.end(end)
+            if not items:
+                raise copy.copy(end)
+        if not items:
+            raise IndexError
+        item: T = items[0]
         return item
 
-    def _handed_out(self, n: int) -> None:
-        """Items left this process's buffer for good: free their slots of a bounded queue."""
+    def _hand_out(self, item: T) -> T:
+        """An item leaves this process's hands: free its slot; raise what it stands for."""
+        channel = self._channel
+        if channel.is_shutdown_immediate:
+            self._discard_local(1)
+            raise ShutDown
         if self._bounded:
-            self._channel.release_room(n)
+            channel.release_room()
+        if type(item) is UnpicklingFailed:
+            raise cast(UnpicklingFailed, item).error
+        return item
+
+    def _discard_local(self, taken: int) -> None:
+        """After an immediate shutdown: drop what this process holds, counting it as done."""
+        dropped = self._reader.end(ShutDown(), discard=True)
+        self._channel.discard_taken(taken + len(dropped))
 
     def __aiter__(self) -> AsyncIterator[T]:
         return self
@@ -359,9 +485,10 @@ class Queue(AsyncResource, Generic[T]):
     def qsize(self) -> int:
         """Items put and not yet handed out by a ``get`` (approximate while others use the queue).
 
-        Items other processes prefetched are not counted. Works on every platform, macOS too.
+        Items other processes hold for their coroutines are not counted. Works on every platform,
+        macOS too.
         """
-        return self._channel.qsize() + len(self._reader.buffer)  # type: ignore[no-any-return]
+        return self._channel.qsize() + len(self._reader.buffer)
 
     def empty(self) -> bool:
         """True if :meth:`qsize` is 0."""
@@ -377,14 +504,15 @@ class Queue(AsyncResource, Generic[T]):
         """Shut the queue down, for every process that uses it.
 
         ``put`` then raises :class:`aioipc.ShutDown` everywhere; ``get`` returns the items still
-        queued, then raises it, and ``async for`` ends. With ``immediate=True`` the queued items
-        are discarded and every waiter wakes at once. Waiters in other processes wake within about
-        100 ms (at once, as a rule).
+        queued, then raises it, and ``async for`` ends. With ``immediate=True`` the queued items,
+        and those any process holds for its coroutines, are discarded and counted as done (as
+        with ``task_done()``), and every waiter wakes at once. Waiters in other processes wake
+        within about 100 ms (at once, as a rule).
         """
         self._check_open()
         self._channel.shutdown(immediate)
         if immediate:
-            self._reader.end(ShutDown(), discard=True)
+            self._discard_local(0)
 
     def link(self, *producers: BaseProcess) -> None:
         """Supervise the processes that put items into this queue (started by this process).
@@ -404,8 +532,9 @@ class Queue(AsyncResource, Generic[T]):
     def close(self) -> None:
         """Release this process's threads and file descriptors. Idempotent, never blocks for long.
 
-        Waiting coroutines are woken with :class:`aioipc.ClosedResourceError`, later calls raise it.
-        Items this process prefetched go back into the queue (at its end): nothing is lost. Other
+        Waiting coroutines are woken with :class:`aioipc.ClosedResourceError`, later calls raise
+        it, and so does a ``put()`` waiting for room (its item was not put). Items this process
+        holds for its coroutines go back into the queue (at its end): nothing is lost. Other
         processes are not affected. A queue made by :meth:`wrap` leaves the wrapped object open.
         """
         if self._closed:
@@ -430,6 +559,17 @@ class Queue(AsyncResource, Generic[T]):
         )
 
 
+def _reserve_room(channel: SyncQueue[Any], job: Job[bool]) -> bool:
+    """In the writer thread: take a slot of a full bounded queue for a waiting ``put``."""
+    while not job.abandoned:
+        if channel.acquire_room(True, POLL_SLICE):
+            if job.commit():
+                return True
+            channel.release_room()
+            break
+    return False
+
+
 class JoinableQueue(Queue[T]):
     """A :class:`Queue` that counts unfinished tasks: consumers call :meth:`task_done` for each item
     they have processed, and :meth:`join` waits until every item put has been processed."""
@@ -451,21 +591,27 @@ class JoinableQueue(Queue[T]):
 
     async def join(self) -> None:
         """Wait until every item put (by any process) has been taken and marked done with
-        :meth:`task_done`, or the queue was shut down and drained.
+        :meth:`task_done`.
 
-        **Cancellation**: safe; nothing changes in the queue.
+        As with Python 3.13's :class:`asyncio.Queue`, a shutdown does not end the wait by itself:
+        ``shutdown(immediate=True)`` counts the items it discards as done, and items already
+        handed out still need their ``task_done()``.
+
+        **Cancellation**: a cancellation point; cancelling the wait changes nothing in the queue.
         """
+        await self._checkpoints.tick()
         self._check_open()
         channel = self._channel
         if isinstance(channel, SyncQueue):
-            if channel._joined():
-                await self._checkpoints.tick()
+            if channel.joined():
                 return
-            await self._joiner.run(lambda job: self._join_waiting(channel, job))
+            await self._joiner.run(lambda job: _join_waiting(channel, job))
         else:
             await self._joiner.run(channel.join_waiting)
 
-    @staticmethod
-    def _join_waiting(channel: SyncQueue[T], job: Job[None]) -> None:
-        while not job.abandoned and not channel.join(timeout=POLL_SLICE):
-            pass
+
+def _join_waiting(channel: SyncQueue[Any], job: Job[None]) -> None:
+    while not job.abandoned:
+        if channel.join(timeout=POLL_SLICE):
+            job.commit()
+            return
