@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -138,15 +139,16 @@ class Children:
             w.close_channel(channel)
 
 
-def make_queue(variant: str, maxsize: int = 0) -> Any:
-    """A fresh queue for a variant: aioipc's, or the peer's own."""
+def make_queue(variant: str, maxsize: int = 0, prefetch: int = 0) -> Any:
+    """A fresh queue for a variant: aioipc's (default settings unless ``prefetch``), or the
+    peer's own."""
     if variant == "mp":
         return CTX.Queue(maxsize)
     if variant == "aioprocessing":
         import aioprocessing
 
         return aioprocessing.AioQueue(maxsize, context=CTX)
-    return aioipc.Queue(maxsize, ctx=CTX)
+    return aioipc.Queue(maxsize, ctx=CTX, prefetch=prefetch)
 
 
 def make_pipe(variant: str, duplex: bool) -> tuple[Any, Any]:
@@ -320,3 +322,30 @@ def pending_gets(variant: str, loop: str, n: int) -> Sample:
         threads, rss = result.recv()
         seconds = w.now() - start
         return Sample(rss / 2**20, n, seconds, {"threads": float(threads)})
+
+
+def work_sharing(
+    variant: str, prefetch: int, n: int, *, workers: int, job_seconds: float
+) -> Sample:
+    """Makespan of ``n`` jobs of ``job_seconds`` each, queued at once and taken by ``workers``
+    consumer processes; each worker's count goes into the sample's extras (``share_0``...,
+    largest first)."""
+    with deadline(), Children() as children:
+        queue = make_queue(variant, prefetch=prefetch)
+        children.own(queue)
+        put = w.blocking_calls(queue, "queue")[0]
+        for i in range(n):
+            put(i)
+        for _ in range(workers):
+            put(w.SENTINEL)
+        time.sleep(0.05)  # every job is in the pipe before the workers start
+        barrier = CTX.Barrier(workers + 1)
+        pipes = [children.result_pipe() for _ in range(workers)]
+        for _, report in pipes:
+            children.start(w.job_consumer_child, queue, variant, job_seconds, barrier, report)
+        barrier.wait(DEADLINE)
+        started = time.perf_counter()
+        shares = sorted((result.recv() for result, _ in pipes), reverse=True)
+        makespan = time.perf_counter() - started
+        extra = {f"share_{i}": float(share) for i, share in enumerate(shares)}
+        return Sample(makespan, n, makespan, extra)

@@ -62,6 +62,9 @@ def _notes(row: Row) -> str:
         parts.append(f"max {row.extra['max_lag_ms']:.3g} ms")
     if "items_per_s" in row.extra:
         parts.append(_number(row.extra["items_per_s"], "items/s"))
+    shares = [row.extra[key] for key in sorted(row.extra) if key.startswith("share_")]
+    if shares:
+        parts.append("jobs per worker " + "/".join(f"{share:.0f}" for share in shares))
     if row.note:
         parts.append(row.note)
     return ", ".join(parts)

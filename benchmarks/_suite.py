@@ -219,6 +219,7 @@ def run(groups: Iterable[Group], settings: Settings) -> list[Row]:
 
 AT_LEAST_90 = Target("ratio", ">=", 0.90)
 AT_MOST_1_3 = Target("ratio", "<=", 1.3)
+AT_MOST_1_2 = Target("ratio", "<=", 1.2)
 
 
 def _queue_names(verb: str) -> dict[str, str]:
@@ -253,13 +254,26 @@ def throughput_groups(kind: str) -> list[Group]:
             )
             for key in keys
         ]
-        versus = Comparison(
-            f"await {verb}() asyncio / aioprocessing",
-            "asyncio",
-            "aioprocessing",
-            "ratio",
-            Target("value", ">=", 15) if payload == "small int" else None,
-        )
+        versus = [
+            Comparison(
+                f"await {verb}() asyncio / aioprocessing",
+                "asyncio",
+                "aioprocessing",
+                "ratio",
+                Target("value", ">=", 15) if payload == "small int" else None,
+            )
+        ]
+        if kind == "queue":  # against the standard library's own queue, default settings
+            versus += [
+                Comparison(
+                    f"await get() {loop} / multiprocessing.Queue",
+                    loop,
+                    "mp",
+                    "ratio",
+                    Target("value", ">=", 0.9),
+                )
+                for loop in LOOPS
+            ]
         skip = None if kind == "queue" or m.pipe_available() else "n/a (not built)"
         groups.append(
             Group(
@@ -268,7 +282,7 @@ def throughput_groups(kind: str) -> list[Group]:
                 "items/s",
                 variants,
                 GUESSED_RATE[payload],
-                comparisons=[versus],
+                comparisons=versus,
                 skip=skip,
             )
         )
@@ -340,6 +354,8 @@ def round_trip_groups() -> list[Group]:
             "to_thread": f"{put}() + asyncio.to_thread({obj}.sync.{get})",
             "aioprocessing": f"aioprocessing coro_{put}() + coro_{get}()",
         }
+        if kind == "queue":
+            names["mp"] = "multiprocessing.Queue put() + get()"
         variants = [
             Variant(
                 key,
@@ -364,6 +380,26 @@ def round_trip_groups() -> list[Group]:
             )
         )
     return groups
+
+
+def work_sharing_groups(workers: int = 4, job_seconds: float = 0.02, n: int = 100) -> list[Group]:
+    """Consumer processes sharing slow jobs queued at once: makespan against blocking
+    ``multiprocessing.Queue`` consumers, and how many jobs each worker took."""
+    work = partial(m.work_sharing, workers=workers, job_seconds=job_seconds)
+    variants = [
+        Variant("mp", "blocking multiprocessing.Queue get() (the limit)", partial(work, "mp", 0)),
+        Variant("sync", "blocking q.sync.get()", partial(work, "sync", 0), target=AT_MOST_1_2),
+        *(
+            Variant(loop, f"await q.get(), {loop}", partial(work, loop, 0), target=AT_MOST_1_2)
+            for loop in LOOPS
+        ),
+        Variant("prefetch", "await q.get(), asyncio, prefetch=16", partial(work, "asyncio", 16)),
+    ]
+    section = (
+        f"Work sharing: {workers} consumer processes, {n} jobs of {job_seconds * 1000:.0f} ms "
+        "queued at once (makespan)"
+    )
+    return [Group(section, "makespan", "s", variants, n, adaptive=False)]
 
 
 def pending_groups(n: int = 10_000) -> list[Group]:
@@ -448,6 +484,7 @@ def all_groups() -> list[Group]:
         *fan_groups(2, 1),
         *fan_groups(4, 1),
         *fan_groups(2, 2),
+        *work_sharing_groups(),
         *async_producer_groups(),
         *round_trip_groups(),
         *pending_groups(),

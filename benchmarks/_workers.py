@@ -257,3 +257,35 @@ def pending_gets_child(variant: str, loop: str, n: int, results: Connection) -> 
             queue.close()
     results.send(report)
     results.close()
+
+
+# -- work sharing -----------------------------------------------------------------------------
+
+
+def job_consumer_child(
+    queue: Any, variant: str, job_seconds: float, barrier: Any, results: Connection
+) -> None:
+    """Take jobs until the sentinel, "working" ``job_seconds`` on each (a sleep, so that the
+    figure shows how the jobs are shared, not how 2 cores share 4 processes); report how many."""
+    barrier.wait()
+    loop = loop_of(variant)
+    done = 0
+    if loop is None:
+        get = blocking_calls(queue, "queue")[1]
+        while get() is not SENTINEL:
+            time.sleep(job_seconds)
+            done += 1
+    else:
+
+        async def main() -> int:
+            count = 0
+            aget = async_get(queue, "queue", variant)
+            while await aget() is not SENTINEL:
+                await anyio.sleep(job_seconds)
+                count += 1
+            return count
+
+        done = run_on(loop, main)
+    close_channel(queue)
+    results.send(done)
+    results.close()

@@ -413,3 +413,40 @@ async def test_consumers_on_two_event_loops_of_one_process_share_the_queue() -> 
             await anyio.to_thread.run_sync(thread.join, 30)
             assert not thread.is_alive()
     assert sorted(got["asyncio"] + got["trio"]) == list(range(n))
+
+
+# -- any unpickling failure is the failure of its own get --
+
+
+class ExitsOnUnpickling:
+    """Pickles fine; rebuilding it raises SystemExit (not an Exception)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_exit_on_rebuild, ())
+
+
+def _exit_on_rebuild() -> None:
+    raise SystemExit("raised while unpickling")
+
+
+async def test_an_item_whose_unpickling_raises_system_exit_fails_only_its_get() -> None:
+    async with aioipc.Queue[Any]() as queue:
+        await queue.put(1)
+        await queue.put(ExitsOnUnpickling())
+        await queue.put(2)
+        assert await queue.get() == 1
+        with pytest.raises(SystemExit, match="while unpickling"):
+            await queue.get()
+        assert await queue.get() == 2
+
+
+def test_the_blocking_face_reports_a_system_exit_from_unpickling_at_its_get() -> None:
+    queue = aioipc.Queue[Any]()
+    try:
+        queue.sync.put(ExitsOnUnpickling())
+        queue.sync.put(3)
+        with pytest.raises(SystemExit, match="while unpickling"):
+            queue.sync.get(timeout=5)
+        assert queue.sync.get(timeout=5) == 3
+    finally:
+        queue.close()

@@ -84,6 +84,11 @@ class LoopHandle:
         """Raise the cancellation of the calling task if one is pending; else return at once."""
         raise NotImplementedError
 
+    def maybe_cancelled(self) -> bool:
+        """False when the calling task surely has no cancellation pending (a cheap look, so that
+        a fast path can skip :meth:`checkpoint_if_cancelled`)."""
+        return True
+
 
 class _AsyncioLoop(LoopHandle):
     __slots__ = ("_loop",)
@@ -111,18 +116,31 @@ class _AsyncioLoop(LoopHandle):
         await asyncio.sleep(0)
 
     async def checkpoint_if_cancelled(self) -> None:
+        if self.maybe_cancelled():
+            await asyncio.sleep(0)
+
+    def maybe_cancelled(self) -> bool:
         task = asyncio.current_task(self._loop)
         if task is None:
-            return
-        # A plain asyncio cancellation that could not be delivered yet (the task has not waited
-        # since ``task.cancel()``): ``Task._must_cancel``, present on the C and Python tasks.
-        if getattr(task, "_must_cancel", False):
-            await asyncio.sleep(0)
-            return
-        # An anyio cancel scope that was cancelled while this task ran (asyncio backend).
+            return False
+        # A plain asyncio cancellation not delivered yet (the task has not waited since
+        # ``task.cancel()``): ``Task._must_cancel``, on the C and the Python task alike.
+        if getattr(task, "_must_cancel", True):
+            return True
+        # An anyio cancel scope cancelled while this task ran (anyio's asyncio backend delivers
+        # it at the task's next wait).
         anyio_asyncio = sys.modules.get("anyio._backends._asyncio")
-        if anyio_asyncio is not None:
-            await anyio_asyncio.AsyncIOBackend.checkpoint_if_cancelled()
+        if anyio_asyncio is None:
+            return False
+        state = anyio_asyncio._task_states.get(task)
+        scope = getattr(state, "cancel_scope", None)
+        while scope is not None:
+            if scope.cancel_called:
+                return True
+            if scope.shield:
+                return False
+            scope = scope._parent_scope
+        return False
 
 
 class _TrioLoop(LoopHandle):
@@ -172,16 +190,26 @@ _asyncio_loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncioLoo
 _trio_loop_var: Any = None
 
 
+#: The asyncio loop seen last and its handle: most programs have one loop, and a weak dictionary
+#: look-up costs a weak reference per call.
+_last_asyncio: tuple[object, _AsyncioLoop | None] = (None, None)
+
+
 def current_loop() -> LoopHandle:
     """The handle of the running event loop (asyncio, uvloop or trio)."""
+    global _last_asyncio
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         pass
     else:
+        last, handle = _last_asyncio
+        if last is loop and handle is not None:
+            return handle
         handle = _asyncio_loops.get(loop)
         if handle is None:
             handle = _asyncio_loops[loop] = _AsyncioLoop(loop)
+        _last_asyncio = (loop, handle)
         return handle
     trio_handle = _current_trio_loop()
     if trio_handle is not None:
@@ -237,7 +265,7 @@ class Checkpointer:
         loop = current_loop()
         if self.due():
             await loop.checkpoint()
-        else:
+        elif loop.maybe_cancelled():
             await loop.checkpoint_if_cancelled()
 
     def reset(self) -> None:
@@ -469,7 +497,13 @@ class Reader(_Hub, Generic[T]):
         """No coroutine of this process waits here and the thread holds no item on its way to
         the buffer: a coroutine that arrives now may take the next item from the source itself
         without overtaking anything."""
-        return self._n_waiting == 0 and not self._reading and not self.buffer
+        return (
+            self._n_waiting == 0
+            and not self._reading
+            and not self.buffer
+            and self._end is None
+            and not self._closed
+        )
 
     def take_nowait(self) -> T:
         """An item already in this process, or raise ``IndexError`` (or the end of the channel).

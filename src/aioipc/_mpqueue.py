@@ -37,6 +37,7 @@ from ._wire import (
     available,
     dumps,
     frame,
+    read_available,
     read_body,
     read_exact,
     read_frame,
@@ -74,6 +75,9 @@ class _ShutdownMarker:
 
 SHUTDOWN_MARKER = _ShutdownMarker()
 _MARK = bytes(ForkingPickler.dumps(SHUTDOWN_MARKER))
+_MARK_LEN = len(_MARK)
+#: What a look that cannot wait returns when there is nothing.
+NOTHING: Any = object()
 
 
 class UnpicklingFailed:
@@ -98,9 +102,13 @@ class EndMarker:
 
 
 def loads(frame: Frame) -> Any:
+    """Unpickle an item; whatever its unpickling raises (``SystemExit`` too, but not a
+    ``KeyboardInterrupt`` of this process) stands in for it, to be raised at its ``get``."""
     try:
         return ForkingPickler.loads(frame)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         return UnpicklingFailed(exc)
 
 
@@ -125,14 +133,16 @@ def _grow_pipe(fd: int) -> None:
 
 
 class _Partial:
-    """A frame whose header this process has read while its body had not all arrived: the process
-    keeps the read lock until the frame is whole (nobody else could find the next frame)."""
+    """A frame this process has started to read before all of it had arrived: the process keeps
+    the read lock until the frame is whole (nobody else could find the next frame). ``head`` is
+    what arrived of the header while ``body`` is None; then ``got`` bytes of ``body``."""
 
-    __slots__ = ("body", "got")
+    __slots__ = ("body", "got", "head")
 
-    def __init__(self, size: int) -> None:
-        self.body = bytearray(size)
-        self.got = 0
+    def __init__(self, head: bytes, body: bytearray | None = None, got: int = 0) -> None:
+        self.head = head
+        self.body = body
+        self.got = got
 
 
 class _Feeder:
@@ -215,7 +225,8 @@ _live_queues: weakref.WeakSet[SyncQueue[Any]] = weakref.WeakSet()
 
 def _reset_queues_after_fork() -> None:
     for queue in list(_live_queues):
-        queue._reset_local()
+        if not queue._closed:
+            queue._reset_local()
 
 
 os.register_at_fork(after_in_child=_reset_queues_after_fork)
@@ -271,6 +282,9 @@ class SyncQueue(Generic[T]):
         self._partial: _Partial | None = None
         #: Serialises the threads of this process that may finish a partly read frame.
         self._partial_lock = threading.Lock()
+        self._fd = self._reader.fileno()
+        #: Where a header is read (by the holder of the read lock only).
+        self._head = bytearray(HEADER.size)
         _live_queues.add(self)
 
     def __getstate__(self) -> tuple[Any, ...]:
@@ -419,34 +433,59 @@ class SyncQueue(Generic[T]):
         return self.get(block=False)
 
     def take_frame(self, *, finish: bool, lock_wait: float = 0.0) -> Frame | None:
-        """Take one whole frame that has arrived, without waiting for data; None if there is none,
-        or another reader holds the read lock (for longer than ``lock_wait`` seconds).
+        """Take one frame that has arrived, without waiting for data; None if there is none, or
+        another reader holds the read lock (for longer than ``lock_wait`` seconds).
 
-        A frame whose body has only partly arrived is finished here if ``finish`` (a blocking
+        Two reads that cannot wait (``RWF_NOWAIT``), header then body: never more than one
+        frame. A frame that has only partly arrived is finished here if ``finish`` (a blocking
         caller); otherwise this process keeps the read lock and the frame for :meth:`read`, and
         None is returned: :attr:`has_partial` tells.
         """
         if self._partial is not None:
             return self._finish_partial() if finish else None
-        if not (self._rlock.acquire(True, lock_wait) if lock_wait else self._rlock.acquire(False)):
+        rlock = self._rlock
+        if not (rlock.acquire(True, lock_wait) if lock_wait else rlock.acquire(False)):
             return None
-        fd = self._reader.fileno()
+        fd = self._fd
+        head = self._head
         try:
-            n = available(fd)
-            if n < HEADER.size:
+            got = read_available(fd, head)
+            if not got:
                 return None
-            (size,) = HEADER.unpack(os.read(fd, HEADER.size))
-            n -= HEADER.size
-            if size < 0:
-                (size,) = LONG_HEADER.unpack(read_exact(fd, LONG_HEADER.size))
-                n -= LONG_HEADER.size
-            if n >= size:
-                return read_body(fd, size)
-            self._partial = _Partial(size)
+            if got < HEADER.size:
+                self._partial = _Partial(bytes(head[:got]))
+            else:
+                (size,) = HEADER.unpack(head)
+                if size < 0:  # a long header (or a broken stream): the blocking reader sorts it
+                    self._partial = _Partial(bytes(head))
+                else:
+                    body = bytearray(size)
+                    got = read_available(fd, body) if size else 0
+                    if got == size:
+                        return body
+                    self._partial = _Partial(b"", body, got)
         finally:
             if self._partial is None:
-                self._rlock.release()
+                rlock.release()
         return self._finish_partial() if finish else None
+
+    def take_item(self) -> Any:
+        """An item that has arrived, taken without waiting (see :meth:`take_frame`), or
+        :data:`NOTHING`. The shutdown marker and supervision's end come back as an
+        :class:`EndMarker`. The item's slot of a bounded queue stays taken."""
+        data = self.take_frame(finish=False)
+        if data is None:
+            return NOTHING
+        if len(data) == _MARK_LEN and data == _MARK:
+            self._feed_raw(_MARK)  # for the next process
+            return EndMarker(ShutDown())
+        item = loads(data)
+        if type(item) is EndMarker:
+            self._feed_raw(bytes(data))  # for the next process
+            return item
+        with self._slock:
+            self._state[_COUNT] -= 1
+        return item
 
     @property
     def has_partial(self) -> bool:
@@ -459,13 +498,21 @@ class SyncQueue(Generic[T]):
             partial = self._partial
             if partial is None:  # another thread of this process finished it
                 return None
+            fd = self._fd
             try:
-                view = memoryview(partial.body)[partial.got :]
-                read_into(self._reader.fileno(), view)
+                if partial.body is None:
+                    head = partial.head + read_exact(fd, HEADER.size - len(partial.head))
+                    (size,) = HEADER.unpack(head)
+                    if size == -1:
+                        (size,) = LONG_HEADER.unpack(read_exact(fd, LONG_HEADER.size))
+                    elif size < 0:
+                        raise OSError(f"bad item length {size}: the queue's stream is broken")
+                    return read_body(fd, size)
+                read_into(fd, memoryview(partial.body)[partial.got :])
+                return partial.body
             finally:
                 self._partial = None
                 self._rlock.release()
-            return partial.body
 
     def read(
         self, max_items: int, max_bytes: int, wake_fd: int
@@ -726,6 +773,7 @@ def _is_mark(data: Frame) -> bool:
 
 
 __all__ = [
+    "NOTHING",
     "SHUTDOWN_MARKER",
     "EndMarker",
     "SyncQueue",

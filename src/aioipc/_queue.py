@@ -15,9 +15,16 @@ from multiprocessing.managers import BaseProxy
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer
+from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer, current_loop
 from ._exceptions import Empty, Full, ShutDown
-from ._mpqueue import POLL_SLICE, SHUTDOWN_MARKER, SyncQueue, UnpicklingFailed
+from ._mpqueue import (
+    NOTHING,
+    POLL_SLICE,
+    SHUTDOWN_MARKER,
+    EndMarker,
+    SyncQueue,
+    UnpicklingFailed,
+)
 from ._process import link_producers
 from ._wire import dumps
 
@@ -343,17 +350,20 @@ class Queue(AsyncResource, Generic[T]):
         timed-out ``get()`` loses nothing: an item the reader took for it stays in this process,
         ahead of newer items, for the next ``get()`` (and goes back into the queue at ``close()``).
         """
-        await self._checkpoints.tick()
+        loop = current_loop()
+        if self._checkpoints.due():
+            await loop.checkpoint()
+        elif loop.maybe_cancelled():
+            await loop.checkpoint_if_cancelled()
         reader = self._reader
-        try:
-            item = reader.take_nowait()
-        except IndexError:
+        if reader.idle:
+            item = self._take_shared(owe=False)
+            if item is NOTHING:
+                item = (await reader.take(1))[0]
+        else:
             try:
-                if not reader.idle:
-                    raise
-                item = self._take_shared()
+                item = reader.take_nowait()
             except IndexError:
-                self._check_open()
                 item = (await reader.take(1))[0]
         return self._hand_out(item)
 
@@ -372,9 +382,10 @@ class Queue(AsyncResource, Generic[T]):
         if self._reader.idle:
             try:
                 while len(items) < max_items:
-                    items.append(self._take_shared())
-            except IndexError:
-                pass
+                    item = self._take_shared(owe=False)
+                    if item is NOTHING:
+                        break
+                    items.append(item)
             except BaseException:
                 self._reader.give_back(items)
                 raise
@@ -418,40 +429,39 @@ class Queue(AsyncResource, Generic[T]):
                     raise end from None
                 item = items[0]
             else:
-                try:
-                    if not self._reader.idle:
-                        raise
-                    item = self._take_shared()
-                except IndexError:
+                item = self._take_shared(owe=True) if self._reader.idle else NOTHING
+                if item is NOTHING:
                     channel = self._channel
                     if channel.is_shutdown and channel.qsize() <= 0:
                         raise ShutDown from None
                     raise Empty from None
         return self._hand_out(item)
 
-    def _take_shared(self) -> T:
-        """An item that has arrived in the shared queue, taken on this thread without waiting;
-        ``IndexError`` if there is none (or another process is reading)."""
+    def _take_shared(self, *, owe: bool) -> Any:
+        """An item that has arrived in the shared queue, taken on this thread without waiting,
+        or :data:`NOTHING` if there is none (or another process is reading). With ``owe``, a
+        frame found partly arrived is finished by the reader thread for a later get (nobody will
+        wait for it otherwise)."""
         channel = self._channel
-        if not isinstance(channel, SyncQueue):
-            if not self._reads_inline:
-                raise IndexError
-            items, end = channel._unmark(channel.take_nowait())
+        if isinstance(channel, SyncQueue):
+            item = channel.take_item()  # the slot of a bounded queue is freed by _hand_out
+            if item is NOTHING:
+                if owe and channel.has_partial:
+                    self._reader.owe()
+                return NOTHING
         else:
-            data = channel.take_frame(finish=False)
-            if data is None:
-                if channel.has_partial and self._reader.idle:
-                    self._reader.owe()  # nobody will wait for it: the reader finishes it
-                raise IndexError
-            # The slot of a bounded queue is freed by _hand_out.
-            items, end = channel.decode([data], release_room=False)
-        if end is not None:
-            self._reader.end(end)
-            if not items:
-                raise copy.copy(end)
-        if not items:
-            raise IndexError
-        item: T = items[0]
+            if not self._reads_inline:
+                return NOTHING
+            items, end = channel._unmark(channel.take_nowait())
+            if end is not None:
+                item = EndMarker(end)
+            elif not items:
+                return NOTHING
+            else:
+                item = items[0]
+        if type(item) is EndMarker:
+            self._reader.end(item.error)
+            raise copy.copy(item.error)
         return item
 
     def _hand_out(self, item: T) -> T:

@@ -194,6 +194,23 @@ def read_nowait(fd: int, buffers: list[memoryview]) -> int:
     return os.readv(fd, buffers)
 
 
+def read_available(fd: int, buf: bytearray | memoryview) -> int:
+    """Read into ``buf`` what is there, without waiting: the number of bytes read, 0 if none is
+    (on a pipe that still has a writer). The fd stays blocking for its other users."""
+    global _nowait_reads
+    if _nowait_reads:
+        try:
+            return os.preadv(fd, [buf], -1, _RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _nowait_reads = False  # an older kernel: ask FIONREAD first
+    n = min(available(fd), len(buf))
+    return os.readv(fd, [memoryview(buf)[:n]]) if n > 0 else 0
+
+
 def read_exact(fd: int, n: int) -> bytes:
     """Read exactly ``n`` bytes from a blocking fd (EOFError on a clean end before any byte)."""
     chunks = []
