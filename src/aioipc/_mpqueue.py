@@ -27,7 +27,7 @@ from multiprocessing.connection import Pipe
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, TypeVar
 
-from ._exceptions import Empty, Full, ShutDown
+from ._exceptions import BrokenResourceError, Empty, Full, ShutDown
 from ._wire import (
     HEADER,
     JOIN_MAX,
@@ -57,6 +57,13 @@ MAXSIZE_LIMIT = 2**31 - 1
 
 # Shared state block: indices into a RawArray of signed 64-bit integers.
 _COUNT, _SHUTDOWN, _UNFINISHED = 0, 1, 2
+# Who holds the read and write locks (a pid, 0: nobody), and whether the holder is in the middle
+# of an item (so that a holder found dead can be replaced, or the stream declared cut).
+_RHOLDER, _RMID, _WHOLDER, _WMID = 3, 4, 5, 6
+# The pid of a process that died in the middle of an item, and on which side (_READING/_WRITING).
+_BROKEN, _BROKEN_SIDE = 7, 8
+_STATE_SLOTS = 9
+_READING, _WRITING = 1, 2
 _OPEN, _SHUT_GRACEFUL, _SHUT_IMMEDIATE = 0, 1, 2
 
 
@@ -132,6 +139,105 @@ def _grow_pipe(fd: int) -> None:
             pass
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            status = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc: it exists
+    return status not in (b"Z", b"X")
+
+
+class _Owned:
+    """One of a queue's cross-process locks (read or write), with its holder's pid recorded in the
+    shared state block, and whether the holder is in the middle of an item.
+
+    A process that waits for the lock and finds the holder dead takes its place if the holder
+    died between two items (the stream is whole), or declares the stream cut if it died in the
+    middle of one (every getter and putter then raises :class:`aioipc.BrokenResourceError`). The
+    decision is by process state, never by how long the lock was held: a slow or stopped holder
+    keeps its lock.
+    """
+
+    __slots__ = ("_holder", "_lock", "_mid", "_pid", "_side", "_slock", "_state")
+
+    def __init__(self, lock: Any, slock: Any, state: Any, holder: int, mid: int, side: int) -> None:
+        self._lock = lock
+        self._slock = slock
+        self._state = state
+        self._holder = holder
+        self._mid = mid
+        self._side = side
+        self._pid = os.getpid()
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free now."""
+        if self._lock.acquire(False):
+            self._state[self._holder] = self._pid
+            return True
+        return False
+
+    def acquire(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` seconds (None: no limit) for the lock, in slices; replace a
+        holder that died between two items. Raises BrokenResourceError if it died inside one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
+            if self._lock.acquire(True, max(wait, 0)):
+                self._state[self._holder] = self._pid
+                return True
+            if self.inherit():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def inherit(self) -> bool:
+        """Take the place of a dead holder that was between two items (the lock stays taken, now
+        by this process). Raises BrokenResourceError if it died in the middle of an item."""
+        state = self._state
+        pid = int(state[self._holder])
+        if pid in (0, self._pid) or _alive(pid):
+            return False
+        with self._slock:
+            if state[self._holder] != pid:  # another process took its place first
+                return False
+            if state[self._mid]:
+                state[_BROKEN_SIDE] = self._side
+                state[_BROKEN] = pid
+                raise broken_error(pid, self._side)
+            state[self._holder] = self._pid
+            return True
+
+    def begin_item(self) -> None:
+        """The holder starts reading or writing an item."""
+        self._state[self._mid] = 1
+
+    def end_item(self) -> None:
+        """The holder is between two items again."""
+        self._state[self._mid] = 0
+
+    def release(self) -> None:
+        state = self._state
+        state[self._mid] = 0
+        state[self._holder] = 0
+        self._lock.release()
+
+
+def broken_error(pid: int, side: int) -> BrokenResourceError:
+    what = "reading" if side == _READING else "writing"
+    return BrokenResourceError(
+        f"a process of this queue (pid {pid}) died in the middle of {what} an item, which cut "
+        "the queue's stream: no process can get from it any more"
+    )
+
+
 class _Partial:
     """A frame this process has started to read before all of it had arrived: the process keeps
     the read lock until the frame is whole (nobody else could find the next frame). ``head`` is
@@ -152,7 +258,7 @@ class _Feeder:
     def __init__(self, queue: SyncQueue[Any], *, join_at_exit: bool) -> None:
         self.join_at_exit = join_at_exit
         self._fd = queue._writer.fileno()
-        self._wlock = queue._wlock
+        self._w = queue._w
         self._cond = threading.Condition(threading.Lock())
         self._buffer: collections.deque[memoryview | bytes] = collections.deque()
         #: Items taken from the buffer and not yet written.
@@ -189,10 +295,15 @@ class _Feeder:
                     cond.notify_all()
                     return
             try:
-                with self._wlock:
+                self._w.acquire(None)
+                try:
+                    self._w.begin_item()
                     write_all(self._fd, (part for data in batch for part in frame(data)))
-            except OSError as exc:  # every reader is gone: nothing can be delivered any more
-                if exc.errno not in (errno.EPIPE, errno.EBADF):
+                finally:
+                    self._w.release()
+            except (OSError, BrokenResourceError) as exc:
+                # Every reader is gone, or the stream is cut: nothing can be delivered any more.
+                if isinstance(exc, OSError) and exc.errno not in (errno.EPIPE, errno.EBADF):
                     raise
                 with cond:
                     buffer.clear()
@@ -269,7 +380,7 @@ class SyncQueue(Generic[T]):
         self._wlock = ctx.Lock()
         self._slock = ctx.Lock()
         self._sem = ctx.BoundedSemaphore(maxsize) if maxsize > 0 else None
-        self._state = ctx.RawArray("q", 3)
+        self._state = ctx.RawArray("q", _STATE_SLOTS)
         self._joinable = joinable
         self._closed = False
         self._reset_local()
@@ -285,6 +396,9 @@ class SyncQueue(Generic[T]):
         self._fd = self._reader.fileno()
         #: Where a header is read (by the holder of the read lock only).
         self._head = bytearray(HEADER.size)
+        #: The read and write locks as this process uses them (recording their holder).
+        self._r = _Owned(self._rlock, self._slock, self._state, _RHOLDER, _RMID, _READING)
+        self._w = _Owned(self._wlock, self._slock, self._state, _WHOLDER, _WMID, _WRITING)
         _live_queues.add(self)
 
     def __getstate__(self) -> tuple[Any, ...]:
@@ -358,9 +472,10 @@ class SyncQueue(Generic[T]):
     def feed(self, data: memoryview | bytes) -> None:
         """Count a pickled item (whose slot is taken) as queued and hand it to the feeder."""
         with self._slock:
-            if self._state[_SHUTDOWN]:
+            if self._state[_SHUTDOWN] or self._state[_BROKEN]:
                 if self._sem is not None:
                     self._sem.release()
+                self._check_broken()
                 raise ShutDown
             self._state[_COUNT] += 1
             if self._joinable:
@@ -376,15 +491,17 @@ class SyncQueue(Generic[T]):
         if (
             len(data) <= PIPE_BUF - HEADER.size
             and (feeder is None or feeder.idle)
-            and self._wlock.acquire(False)
+            and self._w.try_acquire()
         ):
+            # One write of at most PIPE_BUF bytes is whole or nothing: the stream stays at an
+            # item boundary whatever happens to this process, so it is not "in an item".
             try:
                 os.write(self._writer.fileno(), HEADER.pack(len(data)) + data)
                 return
             except BlockingIOError:  # the pipe is full: the feeder will wait for room
                 pass
             finally:
-                self._wlock.release()
+                self._w.release()
         if feeder is None:
             feeder = self._feeder = _Feeder(self, join_at_exit=self._join_feeder_at_exit)
         feeder.put(data)
@@ -407,6 +524,7 @@ class SyncQueue(Generic[T]):
         while True:
             if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
                 raise ShutDown
+            self._check_broken()
             data = self.take_frame(finish=True, lock_wait=lock_wait)
             if data is not None:
                 break
@@ -443,12 +561,13 @@ class SyncQueue(Generic[T]):
         """
         if self._partial is not None:
             return self._finish_partial() if finish else None
-        rlock = self._rlock
-        if not (rlock.acquire(True, lock_wait) if lock_wait else rlock.acquire(False)):
+        r = self._r
+        if not (r.acquire(lock_wait) if lock_wait else r.try_acquire()):
             return None
         fd = self._fd
         head = self._head
         try:
+            r.begin_item()
             got = read_available(fd, head)
             if not got:
                 return None
@@ -466,7 +585,7 @@ class SyncQueue(Generic[T]):
                     self._partial = _Partial(b"", body, got)
         finally:
             if self._partial is None:
-                rlock.release()
+                r.release()
         return self._finish_partial() if finish else None
 
     def take_item(self) -> Any:
@@ -512,7 +631,7 @@ class SyncQueue(Generic[T]):
                 return partial.body
             finally:
                 self._partial = None
-                self._rlock.release()
+                self._r.release()
 
     def read(
         self, max_items: int, max_bytes: int, wake_fd: int
@@ -528,6 +647,7 @@ class SyncQueue(Generic[T]):
         while True:
             if state[_SHUTDOWN] == _SHUT_IMMEDIATE:
                 return [], ShutDown()
+            self._check_broken()
             frames: list[Frame] = []
             if self._partial is not None:
                 first = self._finish_partial()
@@ -541,19 +661,21 @@ class SyncQueue(Generic[T]):
                     if self._drained_after_shutdown():
                         return [], ShutDown()
                     continue
-                if not self._rlock.acquire(True, POLL_SLICE):
+                if not self._r.acquire(POLL_SLICE):
                     continue
                 try:
                     if available(fd):
+                        self._r.begin_item()
                         frames.append(read_frame(fd))
                         self._read_more(fd, frames, max_items, max_bytes)
                 finally:
-                    self._rlock.release()
-            elif len(frames) < max_items and self._rlock.acquire(False):
+                    self._r.release()
+            elif len(frames) < max_items and self._r.try_acquire():
                 try:
+                    self._r.begin_item()
                     self._read_more(fd, frames, max_items, max_bytes)
                 finally:
-                    self._rlock.release()
+                    self._r.release()
             if frames:
                 # Prefetched items keep their slot of a bounded queue until a get hands them out.
                 return self.decode(frames, release_room=False)
@@ -668,15 +790,20 @@ class SyncQueue(Generic[T]):
         fd = self._reader.fileno()
         if self._partial is not None and self._finish_partial() is not None:
             self._uncount(1)
-        if not self._rlock.acquire(True, 1.0):
+        try:
+            if not self._r.acquire(1.0):
+                return
+        except BrokenResourceError:
             return
         try:
             while available(fd):
+                self._r.begin_item()
                 data = read_frame(fd)
+                self._r.end_item()
                 if not _is_mark(data):
                     self._uncount(1)
         finally:
-            self._rlock.release()
+            self._r.release()
 
     def _uncount(self, n: int) -> None:
         """``n`` queued items were discarded: not queued any more, and done."""
@@ -692,6 +819,22 @@ class SyncQueue(Generic[T]):
         return bool(state[_SHUTDOWN]) and (
             state[_SHUTDOWN] == _SHUT_IMMEDIATE or state[_COUNT] <= 0
         )
+
+    def _check_broken(self) -> None:
+        pid = self._state[_BROKEN]
+        if pid:
+            raise broken_error(int(pid), int(self._state[_BROKEN_SIDE]))
+
+    def recover(self) -> bool:
+        """Give back the read and write locks of processes that died holding them between two
+        items; False if one died in the middle of an item (the stream is cut)."""
+        for owned in (self._r, self._w):
+            try:
+                if owned.inherit():
+                    owned.release()
+            except BrokenResourceError:
+                return False
+        return not self._state[_BROKEN]
 
     def _check_shutdown(self) -> None:
         if self._state[_SHUTDOWN]:

@@ -38,7 +38,7 @@ import anyio
 from ._bridge import LoopHandle, current_loop
 from ._exceptions import BrokenResourceError, ProcessFailed
 from ._mpqueue import EndMarker, SyncQueue
-from ._wire import available, dumps
+from ._wire import dumps
 
 if TYPE_CHECKING:
     from ._queue import Queue
@@ -548,45 +548,11 @@ class _QueueLink:
         return True
 
     def _probe(self, channel: SyncQueue[Any]) -> str | None:
-        """Look at the queue's locks: "ok" when no dead producer holds them (giving back those it
-        died holding between two items), "cut" if it died in the middle of an item, None when
-        that cannot be told yet."""
-        now = time.monotonic()
-        slock, wlock, rlock = channel._slock, channel._wlock, channel._rlock
-        # The state lock guards a few counters and is never held while waiting: held round after
-        # round, it belongs to a producer that died holding it (inside put).
-        if not slock.acquire(True, 0.005):
-            if self._state_held.seen(now):
-                slock.release()
-                self._state_held.reset()
-            return None
-        slock.release()
-        self._state_held.reset()
-        if wlock.acquire(False):
-            wlock.release()
-            return "ok"
-        # A writer holds the write lock: a live one, busy writing, or a dead one.
-        fd = channel._reader.fileno()
-        if rlock.acquire(True, 0.005):
-            try:
-                self._stuck.reset()
-                if available(fd):  # bytes in the pipe: maybe part of an item
-                    self._write_held.reset()
-                elif self._write_held.seen(now):
-                    # Nothing in the pipe and no reader in the middle of an item, round after
-                    # round: a live writer would have written. Its holder died between two items.
-                    wlock.release()
-                    self._write_held.reset()
-            finally:
-                rlock.release()
-            return None
-        # Both locks are held. A reader blocked on the rest of an item whose writer died holds the
-        # read lock for good, with nothing left in the pipe (a live transfer keeps bytes in it).
-        self._write_held.reset()
-        if available(fd):
-            self._stuck.reset()
-            return None
-        return "cut" if self._stuck.seen(now) else None
+        """Look at the queue's locks: "ok" when no dead process holds them (giving back those
+        held by processes that died between two items), "cut" if one died in the middle of an
+        item. Decided by process state (the queue records who holds its locks), never by how
+        long a lock was held: a slow or stopped producer keeps its lock."""
+        return "ok" if channel.recover() else "cut"
 
 
 class _Streak:

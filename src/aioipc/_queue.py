@@ -358,13 +358,13 @@ class Queue(AsyncResource, Generic[T]):
         reader = self._reader
         if reader.idle:
             item = self._take_shared(owe=False)
-            if item is NOTHING:
-                item = (await reader.take(1))[0]
         else:
             try:
                 item = reader.take_nowait()
             except IndexError:
-                item = (await reader.take(1))[0]
+                item = NOTHING
+        if item is NOTHING:  # wait, outside any except clause: nothing internal is chained
+            item = (await reader.take(1))[0]
         return self._hand_out(item)
 
     async def get_batch(self, max_items: int) -> list[T]:
