@@ -56,3 +56,9 @@ def test_the_benchmark_table_is_written_where_the_benchmarks_page_includes_it(
     text = target.read_text()
     assert text.startswith("<!-- written by `python -m benchmarks`")
     assert text.endswith("| case |\n|---|\n")
+
+
+def test_the_readme_stays_short_and_leaves_the_detail_to_the_docs() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 220
+    assert "docs/benchmarks.md" in "\n".join(lines)
