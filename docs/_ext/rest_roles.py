@@ -1,8 +1,9 @@
-"""A griffe extension for the API reference: the docstrings' reST roles as markdown code.
+"""A griffe extension for the API reference: the docstrings as the source writes them.
 
 The docstrings use reST roles (``:class:`aioipc.Queue```, ``:meth:`close```) and double
 backticks. Double backticks are already a markdown code span; the roles become code spans too
-(``:class:`~x.Y``` shows ``Y``), so that the reference reads as the source does.
+(``:class:`~x.Y``` shows ``Y``), so that the reference reads as the source does. A first sentence
+that wraps onto a second line is joined into one, so that the summary tables show all of it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ def _code(match: re.Match[str]) -> str:
 
 
 def convert(text: str) -> str:
-    """``text`` with every reST role written as a markdown code span."""
-    return _ROLE.sub(_code, text)
+    """``text`` with every reST role written as a markdown code span, and its first paragraph
+    on one line."""
+    first, sep, rest = _ROLE.sub(_code, text).partition("\n\n")
+    return " ".join(line.strip() for line in first.splitlines()) + sep + rest
 
 
 def _walk(obj: griffe.Object | griffe.Alias, seen: set[str]) -> None:
