@@ -1,4 +1,5 @@
-"""Machine facts, the printed table (text or markdown) and the JSON record of a run."""
+"""Machine facts, the printed table (text or markdown), the JSON record of a run, and the
+markdown table that the documentation's benchmarks page includes."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import datetime
 import json
 import os
 import platform
+import sys
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ._suite import Row, Settings
+
+#: The table of the latest full run, included by ``docs/benchmarks.md``.
+DOCS_TABLE = Path(__file__).parent.parent / "docs" / "_generated" / "benchmarks-table.md"
 
 
 def machine_facts() -> dict[str, Any]:
@@ -153,6 +158,26 @@ def write_json(
         "rows": [asdict(row) for row in rows],
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
+    if is_full_run(command) and DOCS_TABLE.parent.is_dir():
+        write_docs_table(
+            DOCS_TABLE, markdown_table(rows, header_lines(facts, command, settings, seconds))
+        )
+        print(f"table for the documentation written to {DOCS_TABLE}", file=sys.stderr)
+
+
+def is_full_run(command: str) -> bool:
+    """Whether ``command`` measured every case with full-length measurements (not ``--quick``,
+    not ``--only``): only such a run replaces the documentation's table."""
+    return not any(word.split("=", 1)[0] in ("--quick", "--only") for word in command.split()[1:])
+
+
+def write_docs_table(path: Path, table: str) -> None:
+    """Write the markdown ``table`` for the documentation's benchmarks page to ``path``."""
+    path.write_text(
+        "<!-- written by `python -m benchmarks` (benchmarks/_report.py): do not edit -->\n\n"
+        + table
+        + "\n"
+    )
 
 
 def read_json(path: Path) -> tuple[list[Row], list[str]]:

@@ -9,6 +9,8 @@ queue.get()`` and once with the plain blocking ``queue.sync.get()`` loop, for co
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import multiprocessing
 import os
 import platform
@@ -19,7 +21,11 @@ from typing import Any
 import anyio
 
 from ._exceptions import ShutDown
+from ._process import open_process
 from ._queue import Queue
+
+#: The event loops the demo runs on, and the extra that installs each one (None: always there).
+BACKENDS = {"asyncio": None, "uvloop": "uvloop", "trio": "trio"}
 
 
 def square_jobs(jobs: Queue[int], results: Queue[tuple[int, int]]) -> None:
@@ -42,10 +48,9 @@ def stream(queue: Queue[int], n: int) -> None:
 async def run_workers(ctx: Any, n_workers: int, n_jobs: int) -> None:
     jobs: Queue[int] = Queue(ctx=ctx)
     results: Queue[tuple[int, int]] = Queue(ctx=ctx)
-    async with jobs, results:
-        workers = [ctx.Process(target=square_jobs, args=(jobs, results)) for _ in range(n_workers)]
-        for worker in workers:
-            worker.start()
+    async with jobs, results, contextlib.AsyncExitStack() as workers:
+        for _ in range(n_workers):
+            await workers.enter_async_context(open_process(square_jobs, jobs, results, ctx=ctx))
         started = time.perf_counter()
         total = 0
 
@@ -61,8 +66,6 @@ async def run_workers(ctx: Any, n_workers: int, n_jobs: int) -> None:
                 assert square == n * n
                 total += square
         elapsed = time.perf_counter() - started
-        for worker in workers:
-            await anyio.to_thread.run_sync(worker.join)
     assert total == sum(n * n for n in range(n_jobs))
     print(
         f"jobs:       {n_jobs:,} numbers sent to {n_workers} worker processes, {n_jobs:,} squares "
@@ -73,9 +76,7 @@ async def run_workers(ctx: Any, n_workers: int, n_jobs: int) -> None:
 async def measure_stream(ctx: Any, n_items: int, *, use_async: bool) -> float:
     """Items per second from a producer child to this process (timed from the first item)."""
     queue: Queue[int] = Queue(ctx=ctx)
-    async with queue:
-        child = ctx.Process(target=stream, args=(queue, n_items))
-        child.start()
+    async with queue, open_process(stream, queue, n_items, ctx=ctx):
         if use_async:
             first = await queue.get()
             started = time.perf_counter()
@@ -93,7 +94,6 @@ async def measure_stream(ctx: Any, n_items: int, *, use_async: bool) -> float:
             except ShutDown:
                 pass
         elapsed = time.perf_counter() - started
-        await anyio.to_thread.run_sync(child.join)
     assert first == 0
     assert count == n_items
     return (n_items - 1) / elapsed
@@ -118,14 +118,21 @@ async def main(args: argparse.Namespace) -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m aioipc", description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=["asyncio", "uvloop", "trio"], default="asyncio")
+    parser.add_argument("--backend", choices=list(BACKENDS), default="asyncio")
     parser.add_argument(
         "--start-method", choices=multiprocessing.get_all_start_methods(), default=None
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--items", type=int, default=100_000)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    extra = BACKENDS[args.backend]
+    if extra is not None and importlib.util.find_spec(args.backend) is None:
+        parser.error(
+            f"--backend {args.backend} needs {args.backend}, which is not installed; install "
+            f"aioipc's '{extra}' extra: pip install -e '.[{extra}]' in a clone of aioipc"
+        )
+    return args
 
 
 def run(argv: list[str] | None = None) -> None:
