@@ -564,20 +564,28 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
             return True
 
     def _send_waiting(self, job: Job[None], header: bytes, payload: memoryview) -> None:
-        """In the writer thread: wait for room (giving up if abandoned), then write the frame."""
+        """In the writer thread: wait for room, then write the frame.
+
+        A job given up before its frame started (the caller was cancelled, or this end closed)
+        raises :class:`aioipc.ClosedResourceError`: whoever still waits for it learns that nothing
+        was sent (a cancelled caller is gone and never sees it).
+        """
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
         while not poller.poll(POLL_SLICE * 1000):
             if job.abandoned:
-                return
+                raise self._not_sent()
         with self._lock:
             if not job.commit():
-                return
+                raise self._not_sent()
             fd = os.dup(self._fd)  # close() may close ours while this frame is being written
         try:
             _write_frame(fd, [header, payload])
         finally:
             os.close(fd)
+
+    def _not_sent(self) -> ClosedResourceError:
+        return ClosedResourceError(f"{self!r} was closed before the message could be sent")
 
     # -- receiving --
 
