@@ -8,7 +8,6 @@ import multiprocessing.connection
 import pickle
 import random
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,16 +189,60 @@ async def _accept_and_close(listener: aioipc.Listener) -> None:
         assert await conn.recv() == "right key"
 
 
-async def test_a_peer_that_stalls_the_handshake_delays_no_one_and_is_refused() -> None:
-    async with aioipc.listen(authkey=KEY, handshake_timeout=0.5) as listener:
+async def test_a_peer_that_stalls_the_handshake_delays_no_one() -> None:
+    async with (
+        aioipc.listen(authkey=KEY, handshake_timeout=30) as listener,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(_accept_and_close, listener)  # peers are taken while someone accepts
         with socket.create_connection(listener.address):  # connects, then says nothing
-            await anyio.sleep(0.05)
-            started = time.monotonic()
-            server, client = await connect_and_accept(listener)
-            async with server, client:
-                assert time.monotonic() - started < 0.4  # well before the stalled one times out
-            await wait_until(lambda: listener.statistics().refused == 1)
-        assert listener.statistics().handshakes == 0
+            await wait_until(lambda: listener.statistics().handshakes == 1)
+            async with await aioipc.connect(listener.address, authkey=KEY) as conn:
+                await conn.send("right key")
+            assert listener.statistics().handshakes == 1  # the stalled one still waits
+
+
+async def test_a_peer_that_stalls_the_handshake_times_out() -> None:
+    async with aioipc.listen(authkey=KEY, handshake_timeout=0.2) as listener:
+        with socket.create_connection(listener.address) as stalled:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_accept_and_close, listener)
+                await wait_until(lambda: listener.statistics().timed_out == 1)
+                assert listener.statistics().handshakes == 0
+                assert await anyio.to_thread.run_sync(_read_to_eof, stalled) > 0  # the challenge
+                async with await aioipc.connect(listener.address, authkey=KEY) as conn:
+                    await conn.send("right key")
+        assert listener.statistics().refused == 0
+
+
+def _read_to_eof(sock: socket.socket) -> int:
+    """Read until the peer closes; how many bytes came."""
+    total = 0
+    while chunk := sock.recv(4096):
+        total += len(chunk)
+    return total
+
+
+async def test_the_handshake_deadline_covers_the_whole_handshake_not_each_read() -> None:
+    async with (
+        aioipc.listen(authkey=KEY, handshake_timeout=0.5) as listener,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(_accept_and_close, listener)
+        with socket.create_connection(listener.address) as dripping:
+            dripping.sendall((100).to_bytes(4, "big"))  # announces a 100-byte response
+            with anyio.fail_after(20):
+                # A byte every 0.05 s: each read comes well within the timeout, the whole not.
+                while listener.statistics().timed_out == 0:
+                    try:
+                        dripping.send(b"x")
+                    except OSError:  # closed by the listener
+                        break
+                    await anyio.sleep(0.05)
+            await wait_until(lambda: listener.statistics().timed_out == 1)
+        assert listener.statistics().refused == 0
+        async with await aioipc.connect(listener.address, authkey=KEY) as conn:
+            await conn.send("right key")
 
 
 async def test_connect_gives_up_on_a_peer_that_never_answers_the_handshake() -> None:
@@ -265,6 +308,14 @@ def test_a_listener_cannot_be_sent_to_another_process() -> None:
 def test_repr_and_statistics_describe_the_listener() -> None:
     listener = aioipc.listen(authkey=KEY)
     assert repr(listener).startswith(f"<aioipc.Listener address={listener.address!r} at")
-    assert listener.statistics() == aioipc.ListenerStatistics(0, 0, 0, 0)
+    assert listener.statistics() == aioipc.ListenerStatistics(
+        waiting_acceptors=0,
+        handshakes=0,
+        refused=0,
+        threads=0,
+        timed_out=0,
+        dropped=0,
+        accept_errors=0,
+    )
     listener.close()
     assert repr(listener).startswith("<aioipc.Listener closed at")
