@@ -553,3 +553,24 @@ async def test_a_send_waiting_for_room_raises_closedresourceerror_when_the_end_i
                 b.close()
         assert len(outcome) == 1
         assert isinstance(outcome[0], aioipc.ClosedResourceError)
+
+
+# -- arguments --
+
+
+@pytest.mark.parametrize("duplex", ["x", 1, None])
+def test_pipe_duplex_must_be_a_bool(duplex: Any) -> None:
+    with pytest.raises(TypeError, match=rf"duplex must be a bool, not .*{duplex!r}"):
+        aioipc.Pipe(duplex=duplex)
+
+
+def test_pipe_ctx_must_be_a_multiprocessing_context() -> None:
+    with pytest.raises(TypeError, match=r"ctx must be a multiprocessing context.* str 'spawn'"):
+        aioipc.Pipe(ctx="spawn")  # type: ignore[arg-type]
+
+
+def test_pipe_takes_any_multiprocessing_context() -> None:
+    for method in multiprocessing.get_all_start_methods():
+        a, b = aioipc.Pipe(ctx=multiprocessing.get_context(method))
+        a.close()
+        b.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import multiprocessing
 import multiprocessing.connection
 import pickle
@@ -16,6 +17,7 @@ import anyio
 import pytest
 
 import aioipc
+from aioipc._connection import InsecureListenerWarning
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -319,3 +321,66 @@ def test_repr_and_statistics_describe_the_listener() -> None:
     )
     listener.close()
     assert repr(listener).startswith("<aioipc.Listener closed at")
+
+
+# -- arguments --
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 0.0, math.inf, math.nan])
+async def test_a_handshake_timeout_must_be_finite_and_positive(seconds: float) -> None:
+    with pytest.raises(ValueError, match=rf"handshake_timeout .* not {seconds!r}"):
+        aioipc.listen(authkey=KEY, handshake_timeout=seconds)
+    with pytest.raises(ValueError, match=rf"handshake_timeout .* not {seconds!r}"):
+        await aioipc.connect(("127.0.0.1", 1), authkey=KEY, handshake_timeout=seconds)
+
+
+@pytest.mark.parametrize("seconds", ["10", None, True])
+async def test_a_handshake_timeout_must_be_a_number(seconds: Any) -> None:
+    with pytest.raises(TypeError, match="handshake_timeout must be a number"):
+        aioipc.listen(authkey=KEY, handshake_timeout=seconds)
+    with pytest.raises(TypeError, match="handshake_timeout must be a number"):
+        await aioipc.connect(("127.0.0.1", 1), authkey=KEY, handshake_timeout=seconds)
+
+
+async def test_an_empty_authkey_is_refused_because_it_authenticates_anyone() -> None:
+    with pytest.raises(ValueError, match="authkey=b'' is refused"):
+        aioipc.listen(("0.0.0.0", 0), authkey=b"")
+    with pytest.raises(ValueError, match="authkey=b'' is refused"):
+        await aioipc.connect(("127.0.0.1", 1), authkey=b"")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("max_handshakes", 0, ValueError),
+        ("max_handshakes", 1.5, TypeError),
+        ("backlog", -1, ValueError),
+        ("backlog", "64", TypeError),
+        ("insecure", "yes", TypeError),
+    ],
+)
+def test_listen_refuses_other_bad_arguments_naming_them(
+    name: str, value: object, error: type[Exception]
+) -> None:
+    arguments: dict[str, Any] = {name: value}
+    with pytest.raises(error, match=rf"{name} must .*{value!r}"):
+        aioipc.listen(authkey=KEY, **arguments)
+
+
+def test_insecure_beyond_loopback_warns() -> None:
+    with pytest.warns(InsecureListenerWarning, match="without an authkey"):
+        listener = aioipc.listen(("0.0.0.0", 0), insecure=True)
+    listener.close()
+
+
+def test_insecure_on_loopback_or_with_an_authkey_does_not_warn() -> None:
+    # filterwarnings=error turns any warning here into a failure
+    aioipc.listen(("127.0.0.1", 0), insecure=True).close()
+    aioipc.listen(("0.0.0.0", 0), authkey=KEY, insecure=True).close()
+
+
+def test_the_address_stays_readable_after_close() -> None:
+    listener = aioipc.listen(authkey=KEY)
+    address = listener.address
+    listener.close()
+    assert listener.address == address
