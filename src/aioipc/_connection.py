@@ -936,6 +936,10 @@ _PEER_ERRNOS = frozenset(
 )
 ACCEPT_BACKOFF_MIN = 0.01
 ACCEPT_BACKOFF_MAX = 1.0
+#: Authenticated peers a listener holds for accept() calls to come. Until that many wait, its
+#: thread goes on accepting peers and driving handshakes (deadlines included) even while no
+#: accept() is waiting; beyond it, new peers wait in the socket's backlog.
+ACCEPT_AHEAD = 16
 #: Peers accepted in one go before the handshakes in progress get their turn.
 _ACCEPT_BATCH = 64
 
@@ -1079,13 +1083,27 @@ class _Handshake:
     waits for and what it has still to send. Reads never go past the current message, so that
     whatever the peer sends after the handshake stays in the socket for the connection."""
 
-    __slots__ = ("_error", "_in", "_out", "_size", "_steps", "deadline", "done", "fd", "peer")
+    __slots__ = (
+        "_error",
+        "_in",
+        "_out",
+        "_size",
+        "_steps",
+        "deadline",
+        "done",
+        "fd",
+        "peer",
+        "received",
+    )
 
     def __init__(self, fd: int, steps: _Steps, deadline: float, peer: object) -> None:
         self.fd = fd
         self.deadline = deadline
         self.peer = peer
         self.done = False
+        #: Messages received so far. On the listener's side, one means the peer answered the
+        #: challenge right: it knows the key (a wrong answer ends the handshake at once).
+        self.received = 0
         self._steps = steps
         self._out = b""
         self._in = bytearray()
@@ -1156,6 +1174,7 @@ class _Handshake:
         message = bytes(self._in)
         self._size = -1
         self._in = bytearray()
+        self.received += 1
         self._advance(message)
 
     def abandon(self) -> None:
@@ -1421,16 +1440,9 @@ class _AcceptSource:
             sock.setblocking(True)
             self._ready.append(mpc.Connection(sock.detach()))
             return
-        if len(self._pending) >= self._max_handshakes:  # make room: the oldest goes
-            oldest = next(iter(self._pending.values()))
-            self.dropped += 1
-            _logger.debug(
-                "listener %r: %d handshakes in progress, dropping the oldest (with %r)",
-                self._address,
-                len(self._pending),
-                oldest.peer,
-            )
-            self._drop(oldest)
+        if len(self._pending) >= self._max_handshakes and not self._make_room(peer):
+            sock.close()
+            return
         sock.setblocking(False)
         fd = sock.detach()
         handshake = _Handshake(
@@ -1439,6 +1451,23 @@ class _AcceptSource:
         self._pending[fd] = handshake
         self._poller.register(fd, handshake.events)
         self._step(handshake)
+
+    def _make_room(self, newcomer: object) -> bool:
+        """Drop the oldest handshake whose peer has not proven it knows the key; if every peer in
+        progress has, the newcomer is dropped instead (False)."""
+        self.dropped += 1
+        for handshake in self._pending.values():
+            if not handshake.received:
+                _logger.debug(
+                    "listener %r: %d handshakes in progress, dropping the oldest (with %r)",
+                    self._address,
+                    len(self._pending),
+                    handshake.peer,
+                )
+                self._drop(handshake)
+                return True
+        _logger.debug("listener %r: no room for a handshake with %r", self._address, newcomer)
+        return False
 
     def _step(self, handshake: _Handshake) -> None:
         try:
@@ -1519,7 +1548,9 @@ class Listener(AsyncResource):
         sock: socket.socket = self._listener._listener._socket  # type: ignore[attr-defined]
         sock.setblocking(False)  # ours alone: accepting never waits in accept()
         self._source = _AcceptSource(sock, authkey, timeout, max_handshakes, self._address)
-        self._reader: Reader[mpc.Connection] = Reader(self._source, name="listener", prefetch=0)
+        self._reader: Reader[mpc.Connection] = Reader(
+            self._source, name="listener", prefetch=ACCEPT_AHEAD
+        )
         self._closed = False
 
     def __repr__(self) -> str:
