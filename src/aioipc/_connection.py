@@ -1287,8 +1287,8 @@ class ListenerStatistics:
     threads: int
     #: Peers whose handshake did not finish within ``handshake_timeout`` seconds.
     timed_out: int = 0
-    #: Peers dropped during their handshake to make room for a new one while ``max_handshakes``
-    #: were in progress (the oldest goes).
+    #: Peers dropped to make room while ``max_handshakes`` were in progress: the oldest peer that
+    #: has not answered the challenge yet, or the newcomer if every one has.
     dropped: int = 0
     #: Failures of ``accept()`` itself (descriptors or memory exhausted, a peer that aborted):
     #: logged on the ``aioipc`` logger, retried.
@@ -1359,7 +1359,7 @@ class _AcceptSource:
                     return self._take_ready(), None
                 wait = self._next_timeout(now)
             events = poller.poll(None if wait is None else math.ceil(wait * 1000))
-            woken = False
+            woken = accepting = False
             with self._lock:
                 if self.stopped():  # by close(), while this thread waited
                     return [], None
@@ -1367,14 +1367,16 @@ class _AcceptSource:
                     if fd == wake_fd:
                         woken = True
                     elif fd == self._listen_fd:
-                        try:
-                            self._accept_some()
-                        except OSError as exc:  # the listening socket itself failed
-                            return self._take_ready(), exc
+                        accepting = True
                     else:
                         handshake = self._pending.get(fd)
                         if handshake is not None:
                             self._step(handshake)
+                if accepting:  # after the handshakes: an answer that came is read before any drop
+                    try:
+                        self._accept_some()
+                    except OSError as exc:  # the listening socket itself failed
+                        return self._take_ready(), exc
                 if woken and not self._ready:
                     return [], None
 
@@ -1641,8 +1643,9 @@ def listen(
     loopback interface that warns (:class:`aioipc.InsecureListenerWarning`).
 
     Each handshake must finish within ``handshake_timeout`` seconds (a finite number > 0) from the
-    moment the peer is accepted; at most ``max_handshakes`` (an int >= 1) run at a time, and a new
-    peer beyond that makes the oldest handshake in progress give way. ``backlog`` (an int >= 0) is
+    moment the peer is accepted; at most ``max_handshakes`` (an int >= 1) run at a time: a new
+    peer beyond that makes the oldest peer that has not answered the challenge yet give way (a
+    peer that answered it right is never dropped for room). ``backlog`` (an int >= 0) is
     the socket's queue of connections not accepted yet.
 
     Use it as ``async with aioipc.listen(...) as listener:``, then ``await listener.accept()`` or
