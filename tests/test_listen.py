@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import multiprocessing
 import multiprocessing.connection
 import pickle
 import random
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -384,3 +386,11 @@ def test_the_address_stays_readable_after_close() -> None:
     address = listener.address
     listener.close()
     assert listener.address == address
+
+
+def test_a_refused_insecure_listener_leaves_no_socket_open() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InsecureListenerWarning)
+        with pytest.raises(InsecureListenerWarning):
+            aioipc.listen(("0.0.0.0", 0), insecure=True)
+    gc.collect()  # an unclosed socket would warn (an error here) when collected

@@ -1515,8 +1515,10 @@ class Listener(AsyncResource):
     One thread accepts peers and drives their handshakes, each within ``handshake_timeout``, at most
     ``max_handshakes`` at a time: a peer that fails the challenge (it gets
     ``multiprocessing.AuthenticationError``), stalls it or floods the listener is refused without
-    delaying the others, and the application's event loop does none of that work. See
-    :meth:`statistics` and the listener security page of the documentation.
+    delaying the others, and the application's event loop does none of that work. Once
+    :meth:`accept` has been called, the thread goes on accepting while no call waits, holding up
+    to ``ACCEPT_AHEAD`` authenticated peers for the calls to come. See :meth:`statistics` and the
+    listener security page of the documentation.
     """
 
     def __init__(
@@ -1540,13 +1542,17 @@ class Listener(AsyncResource):
         self._listener = mpc.Listener(address, family, backlog)
         self._address = self._listener.address
         if authkey is None and _beyond_loopback(self._address):
-            warnings.warn(
-                f"listening on {self._address!r} without an authkey (insecure=True): any host that "
-                "reaches this address may connect, and the messages it sends are unpickled, which "
-                "runs code",
-                InsecureListenerWarning,
-                stacklevel=3,
-            )
+            try:
+                warnings.warn(
+                    f"listening on {self._address!r} without an authkey (insecure=True): any host "
+                    "that reaches this address may connect, and the messages it sends are "
+                    "unpickled, which runs code",
+                    InsecureListenerWarning,
+                    stacklevel=3,
+                )
+            except BaseException:  # the warning is an error here: do not leave the socket open
+                self._listener.close()
+                raise
         sock: socket.socket = self._listener._listener._socket  # type: ignore[attr-defined]
         sock.setblocking(False)  # ours alone: accepting never waits in accept()
         self._source = _AcceptSource(sock, authkey, timeout, max_handshakes, self._address)
