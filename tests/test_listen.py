@@ -10,6 +10,7 @@ import multiprocessing.connection
 import pickle
 import random
 import socket
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -394,3 +395,56 @@ def test_a_refused_insecure_listener_leaves_no_socket_open() -> None:
         with pytest.raises(InsecureListenerWarning):
             aioipc.listen(("0.0.0.0", 0), insecure=True)
     gc.collect()  # an unclosed socket would warn (an error here) when collected
+
+
+# -- connecting to a hostile listener --
+
+
+async def _serve_once(server: socket.socket, behave: Callable[[socket.socket], None]) -> None:
+    def run() -> None:
+        peer, _ = server.accept()
+        with peer:
+            behave(peer)
+
+    await anyio.to_thread.run_sync(run)
+
+
+async def test_connect_refuses_a_handshake_message_announced_too_large() -> None:
+    def announce_2_gib(peer: socket.socket) -> None:
+        peer.sendall((2**31 - 1).to_bytes(4, "big"))
+        peer.recv(1)  # until the client closes
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve_once, server, announce_2_gib)
+            with pytest.raises(multiprocessing.AuthenticationError, match="2147483647 bytes"):
+                await aioipc.connect(server.getsockname(), authkey=KEY, handshake_timeout=30)
+
+
+async def test_connect_bounds_the_whole_handshake_with_one_deadline() -> None:
+    stop = threading.Event()
+
+    def drip(peer: socket.socket) -> None:
+        peer.sendall((200).to_bytes(4, "big"))
+        while not stop.wait(0.05):  # a byte every 0.05 s: 10 s in all
+            try:
+                peer.sendall(b"x")
+            except OSError:
+                return
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve_once, server, drip)
+            try:
+                with pytest.raises(TimeoutError, match="handshake"):
+                    await aioipc.connect(server.getsockname(), authkey=KEY, handshake_timeout=0.5)
+            finally:
+                stop.set()
+
+
+async def test_connect_raises_connectionreseterror_when_the_listener_hangs_up() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve_once, server, lambda peer: None)
+            with pytest.raises(ConnectionResetError, match="during the handshake"):
+                await aioipc.connect(server.getsockname(), authkey=KEY)

@@ -486,8 +486,9 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
 
         ``obj`` is pickled here: an object that cannot be pickled raises ``TypeError`` (naming its
         type) at this call, and the connection stays usable. Raises ``BrokenPipeError`` if the
-        other end is gone, :class:`aioipc.ClosedResourceError` after ``close()``. It never blocks
-        the event loop, however large the message and however full the pipe.
+        other end is gone, :class:`aioipc.ClosedResourceError` after ``close()``, also when
+        ``close()`` comes while it waits for room (the message was not sent). It never blocks the
+        event loop, however large the message and however full the pipe.
 
         **Cancellation**: a message is sent whole or not at all. Cancelled while waiting for room
         (or for earlier sends), it was not sent. Once it has started, it is finished in the
@@ -1125,7 +1126,7 @@ class _Handshake:
                 step = self._steps.send(b"")
         except StopIteration:
             self.done = True
-        except BaseException as exc:
+        except Exception as exc:  # raised by run(), once what was queued is sent
             self._error = exc
 
     def run(self) -> bool:
@@ -1474,7 +1475,7 @@ class _AcceptSource:
     def _step(self, handshake: _Handshake) -> None:
         try:
             done = handshake.run()
-        except (OSError, EOFError, AuthenticationError) as exc:
+        except Exception as exc:  # whatever a peer's handshake raises ends that peer only
             self.refused += 1
             _logger.debug("listener %r: refused %r: %s", self._address, handshake.peer, exc)
             self._drop(handshake)
