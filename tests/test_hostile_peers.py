@@ -160,6 +160,23 @@ async def test_a_peer_that_proved_the_key_is_not_dropped_to_make_room() -> None:
         tg.cancel_scope.cancel()
 
 
+async def test_handshakes_in_progress_take_no_thread_each() -> None:
+    async with (
+        aioipc.listen(authkey=KEY, handshake_timeout=30, max_handshakes=200) as listener,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(serve_echo, listener)
+        await wait_until(lambda: listener.statistics().threads == 1)  # the accepting thread
+        threads_before = threading.active_count()
+        with ExitStack() as stack:
+            for _ in range(100):
+                stack.enter_context(socket.create_connection(listener.address))
+            await wait_until(lambda: listener.statistics().handshakes == 100)
+            assert threading.active_count() == threads_before
+            assert listener.statistics().threads == 1
+        tg.cancel_scope.cancel()
+
+
 # -- everything at once --
 
 
