@@ -356,8 +356,8 @@ async def test_a_send_cancelled_while_the_pipe_is_full_is_not_sent(make_pipe: Pi
     a, b = make_pipe(duplex=False)
     async with a, b:
         sent = await _fill(b)  # its last send was cancelled too
-        with anyio.move_on_after(0.05) as scope:
-            await b.send("cancelled")
+        with anyio.move_on_after(0.05) as scope:  # too large for what is left of the last page
+            await b.send("cancelled" * 1000)
         assert scope.cancelled_caught
         async with anyio.create_task_group() as tg:
             tg.start_soon(b.send, "after")
@@ -526,3 +526,51 @@ def test_repr_and_statistics_describe_the_end() -> None:
     receiver.close()
     sender.close()
     assert repr(receiver).startswith("<aioipc.Connection closed at")
+
+
+@pytest.mark.parametrize("method", ["send", "send_bytes"])
+async def test_a_send_waiting_for_room_raises_closedresourceerror_when_the_end_is_closed(
+    make_pipe: PipeFactory, method: str
+) -> None:
+    a, b = make_pipe(duplex=False)
+    async with a:
+        await _fill(b)  # no free page left: a large message must wait for room
+        outcome: list[BaseException | None] = []
+
+        async def send() -> None:
+            try:
+                await getattr(b, method)(b"never sent" * 10_000)
+            except aioipc.ClosedResourceError as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send)
+                while b.statistics().waiting_senders == 0:
+                    await anyio.sleep(0.01)
+                b.close()
+        assert len(outcome) == 1
+        assert isinstance(outcome[0], aioipc.ClosedResourceError)
+
+
+# -- arguments --
+
+
+@pytest.mark.parametrize("duplex", ["x", 1, None])
+def test_pipe_duplex_must_be_a_bool(duplex: Any) -> None:
+    with pytest.raises(TypeError, match=rf"duplex must be a bool, not .*{duplex!r}"):
+        aioipc.Pipe(duplex=duplex)
+
+
+def test_pipe_ctx_must_be_a_multiprocessing_context() -> None:
+    with pytest.raises(TypeError, match=r"ctx must be a multiprocessing context.* str 'spawn'"):
+        aioipc.Pipe(ctx="spawn")  # type: ignore[arg-type]
+
+
+def test_pipe_takes_any_multiprocessing_context() -> None:
+    for method in multiprocessing.get_all_start_methods():
+        a, b = aioipc.Pipe(ctx=multiprocessing.get_context(method))
+        a.close()
+        b.close()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import math
 import multiprocessing
 import multiprocessing.connection
 import pickle
 import random
 import socket
-import time
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import anyio
 import pytest
 
 import aioipc
+from aioipc._connection import InsecureListenerWarning
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 
@@ -190,16 +194,60 @@ async def _accept_and_close(listener: aioipc.Listener) -> None:
         assert await conn.recv() == "right key"
 
 
-async def test_a_peer_that_stalls_the_handshake_delays_no_one_and_is_refused() -> None:
-    async with aioipc.listen(authkey=KEY, handshake_timeout=0.5) as listener:
+async def test_a_peer_that_stalls_the_handshake_delays_no_one() -> None:
+    async with (
+        aioipc.listen(authkey=KEY, handshake_timeout=30) as listener,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(_accept_and_close, listener)  # peers are taken while someone accepts
         with socket.create_connection(listener.address):  # connects, then says nothing
-            await anyio.sleep(0.05)
-            started = time.monotonic()
-            server, client = await connect_and_accept(listener)
-            async with server, client:
-                assert time.monotonic() - started < 0.4  # well before the stalled one times out
-            await wait_until(lambda: listener.statistics().refused == 1)
-        assert listener.statistics().handshakes == 0
+            await wait_until(lambda: listener.statistics().handshakes == 1)
+            async with await aioipc.connect(listener.address, authkey=KEY) as conn:
+                await conn.send("right key")
+            assert listener.statistics().handshakes == 1  # the stalled one still waits
+
+
+async def test_a_peer_that_stalls_the_handshake_times_out() -> None:
+    async with aioipc.listen(authkey=KEY, handshake_timeout=0.2) as listener:
+        with socket.create_connection(listener.address) as stalled:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_accept_and_close, listener)
+                await wait_until(lambda: listener.statistics().timed_out == 1)
+                assert listener.statistics().handshakes == 0
+                assert await anyio.to_thread.run_sync(_read_to_eof, stalled) > 0  # the challenge
+                async with await aioipc.connect(listener.address, authkey=KEY) as conn:
+                    await conn.send("right key")
+        assert listener.statistics().refused == 0
+
+
+def _read_to_eof(sock: socket.socket) -> int:
+    """Read until the peer closes; how many bytes came."""
+    total = 0
+    while chunk := sock.recv(4096):
+        total += len(chunk)
+    return total
+
+
+async def test_the_handshake_deadline_covers_the_whole_handshake_not_each_read() -> None:
+    async with (
+        aioipc.listen(authkey=KEY, handshake_timeout=0.5) as listener,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(_accept_and_close, listener)
+        with socket.create_connection(listener.address) as dripping:
+            dripping.sendall((100).to_bytes(4, "big"))  # announces a 100-byte response
+            with anyio.fail_after(20):
+                # A byte every 0.05 s: each read comes well within the timeout, the whole not.
+                while listener.statistics().timed_out == 0:
+                    try:
+                        dripping.send(b"x")
+                    except OSError:  # closed by the listener
+                        break
+                    await anyio.sleep(0.05)
+            await wait_until(lambda: listener.statistics().timed_out == 1)
+        assert listener.statistics().refused == 0
+        async with await aioipc.connect(listener.address, authkey=KEY) as conn:
+            await conn.send("right key")
 
 
 async def test_connect_gives_up_on_a_peer_that_never_answers_the_handshake() -> None:
@@ -265,6 +313,138 @@ def test_a_listener_cannot_be_sent_to_another_process() -> None:
 def test_repr_and_statistics_describe_the_listener() -> None:
     listener = aioipc.listen(authkey=KEY)
     assert repr(listener).startswith(f"<aioipc.Listener address={listener.address!r} at")
-    assert listener.statistics() == aioipc.ListenerStatistics(0, 0, 0, 0)
+    assert listener.statistics() == aioipc.ListenerStatistics(
+        waiting_acceptors=0,
+        handshakes=0,
+        refused=0,
+        threads=0,
+        timed_out=0,
+        dropped=0,
+        accept_errors=0,
+    )
     listener.close()
     assert repr(listener).startswith("<aioipc.Listener closed at")
+
+
+# -- arguments --
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 0.0, math.inf, math.nan])
+async def test_a_handshake_timeout_must_be_finite_and_positive(seconds: float) -> None:
+    with pytest.raises(ValueError, match=rf"handshake_timeout .* not {seconds!r}"):
+        aioipc.listen(authkey=KEY, handshake_timeout=seconds)
+    with pytest.raises(ValueError, match=rf"handshake_timeout .* not {seconds!r}"):
+        await aioipc.connect(("127.0.0.1", 1), authkey=KEY, handshake_timeout=seconds)
+
+
+@pytest.mark.parametrize("seconds", ["10", None, True])
+async def test_a_handshake_timeout_must_be_a_number(seconds: Any) -> None:
+    with pytest.raises(TypeError, match="handshake_timeout must be a number"):
+        aioipc.listen(authkey=KEY, handshake_timeout=seconds)
+    with pytest.raises(TypeError, match="handshake_timeout must be a number"):
+        await aioipc.connect(("127.0.0.1", 1), authkey=KEY, handshake_timeout=seconds)
+
+
+async def test_an_empty_authkey_is_refused_because_it_authenticates_anyone() -> None:
+    with pytest.raises(ValueError, match="authkey=b'' is refused"):
+        aioipc.listen(("0.0.0.0", 0), authkey=b"")
+    with pytest.raises(ValueError, match="authkey=b'' is refused"):
+        await aioipc.connect(("127.0.0.1", 1), authkey=b"")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error"),
+    [
+        ("max_handshakes", 0, ValueError),
+        ("max_handshakes", 1.5, TypeError),
+        ("backlog", -1, ValueError),
+        ("backlog", "64", TypeError),
+        ("insecure", "yes", TypeError),
+    ],
+)
+def test_listen_refuses_other_bad_arguments_naming_them(
+    name: str, value: object, error: type[Exception]
+) -> None:
+    arguments: dict[str, Any] = {name: value}
+    with pytest.raises(error, match=rf"{name} must .*{value!r}"):
+        aioipc.listen(authkey=KEY, **arguments)
+
+
+def test_insecure_beyond_loopback_warns() -> None:
+    with pytest.warns(InsecureListenerWarning, match="without an authkey"):
+        listener = aioipc.listen(("0.0.0.0", 0), insecure=True)
+    listener.close()
+
+
+def test_insecure_on_loopback_or_with_an_authkey_does_not_warn() -> None:
+    # filterwarnings=error turns any warning here into a failure
+    aioipc.listen(("127.0.0.1", 0), insecure=True).close()
+    aioipc.listen(("0.0.0.0", 0), authkey=KEY, insecure=True).close()
+
+
+def test_the_address_stays_readable_after_close() -> None:
+    listener = aioipc.listen(authkey=KEY)
+    address = listener.address
+    listener.close()
+    assert listener.address == address
+
+
+def test_a_refused_insecure_listener_leaves_no_socket_open() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InsecureListenerWarning)
+        with pytest.raises(InsecureListenerWarning):
+            aioipc.listen(("0.0.0.0", 0), insecure=True)
+    gc.collect()  # an unclosed socket would warn (an error here) when collected
+
+
+# -- connecting to a hostile listener --
+
+
+async def _serve_once(server: socket.socket, behave: Callable[[socket.socket], None]) -> None:
+    def run() -> None:
+        peer, _ = server.accept()
+        with peer:
+            behave(peer)
+
+    await anyio.to_thread.run_sync(run)
+
+
+async def test_connect_refuses_a_handshake_message_announced_too_large() -> None:
+    def announce_2_gib(peer: socket.socket) -> None:
+        peer.sendall((2**31 - 1).to_bytes(4, "big"))
+        peer.recv(1)  # until the client closes
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve_once, server, announce_2_gib)
+            with pytest.raises(multiprocessing.AuthenticationError, match="2147483647 bytes"):
+                await aioipc.connect(server.getsockname(), authkey=KEY, handshake_timeout=30)
+
+
+async def test_connect_bounds_the_whole_handshake_with_one_deadline() -> None:
+    stop = threading.Event()
+
+    def drip(peer: socket.socket) -> None:
+        peer.sendall((200).to_bytes(4, "big"))
+        while not stop.wait(0.05):  # a byte every 0.05 s: 10 s in all
+            try:
+                peer.sendall(b"x")
+            except OSError:
+                return
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve_once, server, drip)
+            try:
+                with pytest.raises(TimeoutError, match="handshake"):
+                    await aioipc.connect(server.getsockname(), authkey=KEY, handshake_timeout=0.5)
+            finally:
+                stop.set()
+
+
+async def test_connect_raises_connectionreseterror_when_the_listener_hangs_up() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve_once, server, lambda peer: None)
+            with pytest.raises(ConnectionResetError, match="during the handshake"):
+                await aioipc.connect(server.getsockname(), authkey=KEY)

@@ -290,11 +290,22 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 class _CleanSlate:
     """Clears the event-loop state a child inherits when multiprocessing forks it from inside a
-    running loop, so the child can start its own (``asyncio.run``, ``trio.run``, ``anyio.run``).
+    running loop, so the child can start its own (``asyncio.run``, ``trio.run``, ``anyio.run``)
+    and behaves as a plain Python process until it does.
 
     It runs in children that multiprocessing starts with the fork method, and only there (it is a
     multiprocessing after-fork hook): such a child never returns into the parent's loop.
+
+    The signal handlers the loop installed are restored to Python's defaults: SIGINT to
+    :func:`signal.default_int_handler` (one Ctrl-C raises ``KeyboardInterrupt`` in the child),
+    others to ``SIG_DFL``. The parent's loop handlers would otherwise only poke a loop that does not
+    run in the child (asyncio's runner, uvloop's, trio's KeyboardInterrupt manager, and handlers
+    added with ``loop.add_signal_handler``), so the child would ignore the signal. Handlers the
+    application installed itself are kept.
     """
+
+    #: Handlers defined in these packages belong to an event loop.
+    LOOP_PACKAGES = ("asyncio", "uvloop", "trio", "anyio")
 
     def __call__(self) -> None:
         asyncio.events._set_running_loop(None)
@@ -312,6 +323,36 @@ class _CleanSlate:
                 signal.set_wakeup_fd(-1)
             except ValueError:
                 pass
+            self._restore_signal_handlers(signal)
+
+    @classmethod
+    def _restore_signal_handlers(cls, signal: Any) -> None:
+        for signum in signal.valid_signals():
+            try:
+                handler = signal.getsignal(signum)
+            except (OSError, ValueError):
+                continue
+            if signum == signal.SIGINT:
+                if cls._is_loop_handler(handler):
+                    handler = signal.default_int_handler
+                if handler is not None:
+                    # Set it again even if unchanged: a loop may have replaced Python's own C-level
+                    # handler behind the signal module's back.
+                    signal.signal(signum, handler)
+            elif cls._is_loop_handler(handler):
+                signal.signal(signum, signal.SIG_DFL)
+
+    @classmethod
+    def _is_loop_handler(cls, handler: object) -> bool:
+        import functools
+
+        while isinstance(handler, functools.partial):
+            handler = handler.func
+        handler = getattr(handler, "__func__", handler)  # a bound method: its function
+        module = getattr(handler, "__module__", None)
+        if not isinstance(module, str):
+            return False
+        return module.partition(".")[0] in cls.LOOP_PACKAGES
 
 
 _clean_slate = _CleanSlate()
