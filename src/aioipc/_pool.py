@@ -48,7 +48,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # What a worker answers for a job.
-_OK, _RAISED, _SKIPPED, _INIT_FAILED = 0, 1, 2, 3
+_OK, _RAISED, _SKIPPED, _STARTED, _INIT_FAILED = 0, 1, 2, 3, 4
 
 #: How long a worker whose pipe ended may take to exit before it is killed.
 _EXIT_GRACE = 1.0
@@ -95,57 +95,86 @@ def _outcome(job_id: int, payload: bytes) -> tuple[int, int, Any]:
                                  f"could not be pickled: {_describe(why)}")  # fmt: skip
 
 
+class _Inbox:
+    """The worker's side of its pipe: jobs received and not run yet, in order."""
+
+    def __init__(self, conn: mpc.Connection) -> None:
+        self.conn = conn
+        self.order: deque[int] = deque()
+        self.payloads: dict[int, bytes | None] = {}  # None: withdrawn
+        self.poller = select.poll()
+        self.poller.register(conn.fileno(), select.POLLIN)
+
+    def take(self, message: tuple[list[tuple[int, bytes]], list[int]]) -> None:
+        jobs, withdrawn = message
+        for job_id, payload in jobs:
+            self.order.append(job_id)
+            self.payloads[job_id] = payload
+        for job_id in withdrawn:
+            if job_id in self.payloads:
+                self.payloads[job_id] = None
+
+    def take_arrived(self) -> None:
+        """Read the messages already there, without waiting (EOFError at the end of the pipe)."""
+        while self.poller.poll(0):
+            self.take(self.conn.recv())
+
+
 def _serve(
     conn: mpc.Connection,
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
     max_jobs: int | None,
+    inherited: list[int],
 ) -> None:
-    """The worker's main loop: read jobs (and withdrawals), run them in order, answer each."""
-    # The pool decides when its workers end; a terminal's Ctrl-C is for the parent.
+    """The worker's main loop: read jobs (and withdrawals), run them in order, answer each.
+
+    Before running a job, the worker tells the pool it starts it: in the answer to the job before
+    (which names the next one, when the worker has it already) or in a message of its own. So the
+    pool knows which job a dead worker was running, and that the others never started.
+    """
+    # Under fork this process got a copy of the pool's end of every worker's pipe: drop them, or
+    # those pipes would not end when the pool's process does.
+    for fd in inherited:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    # The pool decides when its workers end; a terminal's Ctrl-C is for the pool's process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if initializer is not None:
         try:
             initializer(*initargs)
         except Exception as exc:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            conn.send((-1, _INIT_FAILED, (_describe(exc), tb)))
+            conn.send((-1, _INIT_FAILED, (_describe(exc), tb), None))
             sys.exit(1)
-    order: deque[int] = deque()
-    payloads: dict[int, bytes | None] = {}
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
+    inbox = _Inbox(conn)
+    announced: int | None = None
     done = 0
-    stopping = False
-    while True:
-        while not order or poller.poll(0):
-            if not order and stopping:
+    try:
+        while True:
+            inbox.take_arrived()
+            while not inbox.order:
+                inbox.take(conn.recv())
+            job_id = inbox.order.popleft()
+            payload = inbox.payloads.pop(job_id)
+            if payload is None:
+                status, data = _SKIPPED, None
+            else:
+                if job_id != announced:
+                    conn.send((job_id, _STARTED, None, None))
+                _, status, data = _outcome(job_id, payload)
+                del payload
+            done += 1
+            if max_jobs is not None and done >= max_jobs:
+                conn.send((job_id, status, data, None))
                 return
-            try:
-                message = conn.recv()
-            except EOFError:
-                return
-            if message is None:
-                stopping = True
-                continue
-            jobs, withdrawn = message
-            for job_id, payload in jobs:
-                order.append(job_id)
-                payloads[job_id] = payload
-            for job_id in withdrawn:
-                if job_id in payloads:
-                    payloads[job_id] = None
-        job_id = order.popleft()
-        payload = payloads.pop(job_id)
-        if payload is None:
-            conn.send((job_id, _SKIPPED, None))
-        else:
-            answer = _outcome(job_id, payload)
-            del payload
-            conn.send(answer)
-        done += 1
-        if max_jobs is not None and done >= max_jobs:
-            return
+            inbox.take_arrived()
+            announced = inbox.order[0] if inbox.order else None
+            conn.send((job_id, status, data, announced))
+    except EOFError:  # the pool closed its end: it is done with this worker
+        return
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +211,8 @@ class _Worker:
         self.wake = anyio.Event()
         self.given = 0
         self.alive = True
+        #: The job the worker said it started, until it answers it.
+        self.running: int | None = None
 
     def room(self, max_jobs: int | None) -> int:
         room = self.depth - len(self.held)
@@ -308,9 +339,12 @@ class Pool:
     def _start_worker(self) -> None:
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         self._started += 1
+        inherited = []
+        if self._ctx.get_start_method() == "fork":
+            inherited = [parent_end.fileno(), *(w.conn.fileno() for w in self._workers)]
         process = Process(
             target=_serve,
-            args=(child_end, self._initializer, self._initargs, self._max_jobs),
+            args=(child_end, self._initializer, self._initargs, self._max_jobs, inherited),
             name=f"aioipc-pool-worker-{self._started}",
             ctx=self._ctx,
         )
@@ -356,10 +390,14 @@ class Pool:
     async def _receive(self, worker: _Worker) -> None:
         """Hand the worker's answers to the callers; on the end of its pipe, bury it."""
         try:
-            async for job_id, status, data in worker.conn:
+            async for job_id, status, data, announced in worker.conn:
+                if status == _STARTED:
+                    worker.running = job_id
+                    continue
                 if status == _INIT_FAILED:
                     self._break(worker, *data)
                     continue
+                worker.running = announced
                 job = worker.held.pop(job_id, None)
                 if job is not None:  # else failed already (the pool broke)
                     job.payload = None
@@ -427,11 +465,10 @@ class Pool:
                 await worker.process.wait()
         code = worker.process.exitcode
         worker.process.close()
-        jobs = [job for job in worker.held.values() if job.sent]
-        unsent = [job for job in worker.held.values() if not job.sent]
+        running = worker.held.pop(worker.running, None) if worker.running is not None else None
+        unsent = list(worker.held.values())  # never started: they go back to the queue
         worker.held.clear()
-        if jobs:
-            running, later = jobs[0], jobs[1:]
+        if running is not None:
             message = describe_exit(worker.process.name, worker.pid, code)
             self._settle(
                 running,
@@ -442,7 +479,6 @@ class Pool:
                     code,
                 ),
             )
-            unsent = later + unsent
         for job in reversed(unsent):
             if not job.abandoned:
                 job.sent = False
