@@ -50,6 +50,9 @@ R = TypeVar("R")
 # What a worker answers for a job.
 _OK, _RAISED, _SKIPPED, _STARTED, _INIT_FAILED = 0, 1, 2, 3, 4
 
+#: Messages to a worker up to this size are written on the spot when its pipe has room (a Unix
+#: socket pair then takes them whole); larger ones go through the connection's writer thread.
+_INLINE_SEND_MAX = 16 * 1024
 #: How long a worker whose pipe ended may take to exit before it is killed.
 _EXIT_GRACE = 1.0
 
@@ -211,8 +214,15 @@ class _Worker:
         self.wake = anyio.Event()
         self.given = 0
         self.alive = True
+        self.sending = False
+        self.backlog: tuple[bytes, list[_Job]] | None = None
+        self._out = select.poll()
+        self._out.register(conn.fileno(), select.POLLOUT)
         #: The job the worker said it started, until it answers it.
         self.running: int | None = None
+
+    def writable(self) -> bool:
+        return bool(self._out.poll(0))
 
     def room(self, max_jobs: int | None) -> int:
         room = self.depth - len(self.held)
@@ -364,28 +374,52 @@ class Pool:
 
     # -- talking to a worker --
 
+    def _flush(self, worker: _Worker) -> None:
+        """Send the worker the jobs given to it and the withdrawals, in one message: on the spot
+        when it is small and the pipe has room (no task switch), else through its sender task."""
+        if worker.sending or not worker.alive or not (worker.outbox or worker.withdrawn):
+            return
+        jobs = []
+        for job in worker.outbox:
+            if job.abandoned:  # never sent: the worker will not answer for it
+                del worker.held[job.id]
+            else:
+                jobs.append(job)
+        withdrawn = worker.withdrawn
+        worker.outbox, worker.withdrawn = [], []
+        if not jobs and not withdrawn:
+            self._dispatch()
+            return
+        data = _dumps(([(job.id, job.payload) for job in jobs], withdrawn))
+        if len(data) <= _INLINE_SEND_MAX and worker.writable():
+            try:
+                worker.conn.sync.send_bytes(data)
+            except OSError:
+                return  # it died: its receiver sees the end of the pipe; the jobs were not sent
+            for job in jobs:
+                job.sent = True
+        else:
+            worker.sending = True
+            worker.backlog = (data, jobs)
+            worker.wake.set()
+
     async def _send(self, worker: _Worker) -> None:
-        """Send the worker the jobs given to it and the withdrawals, batched, as they come."""
+        """Send the large messages (or those the pipe has no room for) for ``_flush``."""
         while True:
             await worker.wake.wait()
             worker.wake = anyio.Event()
-            while worker.alive and (worker.outbox or worker.withdrawn):
-                jobs = []
-                for job in worker.outbox:
-                    if job.abandoned:  # never sent: the worker will not answer for it
-                        del worker.held[job.id]
-                    else:
-                        assert job.payload is not None
-                        jobs.append((job.id, job.payload))
-                        job.sent = True
-                withdrawn, worker.outbox, worker.withdrawn = worker.withdrawn, [], []
-                if not jobs and not withdrawn:
-                    self._dispatch()
-                    continue
-                try:
-                    await worker.conn.send((jobs, withdrawn))
-                except (OSError, anyio.ClosedResourceError):
-                    return  # the worker is gone: its receiver sees the end of the pipe
+            if worker.backlog is None:
+                continue
+            data, jobs = worker.backlog
+            try:
+                await worker.conn.send_bytes(data)
+            except (OSError, anyio.ClosedResourceError):
+                return  # it died: its receiver sees the end of the pipe; the jobs were not sent
+            for job in jobs:
+                job.sent = True
+            worker.backlog = None
+            worker.sending = False
+            self._flush(worker)
 
     async def _receive(self, worker: _Worker) -> None:
         """Hand the worker's answers to the callers; on the end of its pipe, bury it."""
@@ -516,6 +550,7 @@ class Pool:
     def _dispatch(self) -> None:
         """Give pending jobs to the workers with room: the least loaded first."""
         pending = self._pending
+        flush: set[_Worker] = set()
         while pending:
             best: _Worker | None = None
             best_load = 0
@@ -525,14 +560,16 @@ class Pool:
                     if best is None or load < best_load:
                         best, best_load = worker, load
             if best is None:
-                return
+                break
             job = pending.popleft()
             if job.abandoned:
                 continue
             best.held[job.id] = job
             best.outbox.append(job)
             best.given += 1
-            best.wake.set()
+            flush.add(best)
+        for worker in flush:
+            self._flush(worker)
 
     def _settle(self, job: _Job, *, result: Any = None, error: BaseException | None = None) -> None:
         if job.done.is_set():
@@ -553,12 +590,12 @@ class Pool:
             return
         job.abandoned = True
         self._release()
-        if job.sent:
-            for worker in self._workers:
-                if job.id in worker.held:
+        for worker in self._workers:
+            if job.id in worker.held:
+                if job not in worker.outbox:  # sent, or being sent
                     worker.withdrawn.append(job.id)
-                    worker.wake.set()
-                    break
+                    self._flush(worker)
+                break
 
     async def _wait(self, job: _Job) -> Any:
         try:
