@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._bridge import LoopHandle, current_loop
-from ._exceptions import BrokenResourceError, ProcessFailed
+from ._connection import Connection
+from ._exceptions import BrokenResourceError, ProcessFailed, ShutDown
 from ._mpqueue import EndMarker, SyncQueue, available, dumps
 
 if TYPE_CHECKING:
@@ -434,6 +435,7 @@ async def open_process(
     daemon: bool | None = None,
     wait_timeout: float | None = None,
     terminate_timeout: float = 5.0,
+    close_connections: bool = True,
 ) -> AsyncIterator[Process]:
     """Run ``target(*args, **kwargs)`` in a new :class:`Process` for the duration of the block.
 
@@ -445,6 +447,16 @@ async def open_process(
     does not exit within ``terminate_timeout``) and the block's exception propagates. Either way
     the process object is closed at the end, its ``exitcode`` still readable.
 
+    If the block raises while the process had already failed on its own, the failure is not lost:
+    it is added as a note to the block's exception (``__notes__``; shown in its traceback), so
+    nested blocks report every failed process.
+
+    Every :class:`aioipc.Connection` among ``args`` and the values of ``kwargs`` is closed in this
+    process once the child has started (``close_connections=False`` keeps them open): the child
+    has its own copy, and the other end sees EOF only once every copy of this one is closed. Under
+    fork the child also inherits this process's other descriptors, the ends it does not use among
+    them; it must close those itself (see :class:`aioipc.Connection`).
+
     To turn the death of a producer into an error rather than a hang, link it to the queue it
     feeds: ``queue.link(process)``.
 
@@ -454,11 +466,17 @@ async def open_process(
     process = Process(target=target, args=args, kwargs=kwargs, name=name, daemon=daemon, ctx=ctx)
     process.start()
     pid = process.pid
+    if close_connections:
+        for arg in (*args, *(kwargs or {}).values()):
+            if isinstance(arg, Connection):
+                arg.close()
     try:
         yield process
-    except BaseException:
-        await process.stop(0, terminate_timeout=terminate_timeout)
+    except BaseException as exc:
+        code = await process.stop(0, terminate_timeout=terminate_timeout)
         process.close()
+        if code != 0 and process._forced is None and not isinstance(exc, _cancelled()):
+            _add_note(exc, f"while the block raised, {describe_exit(process.name, pid, code)}")
         raise
     code = await process.stop(wait_timeout, terminate_timeout=terminate_timeout)
     process.close()
@@ -467,6 +485,26 @@ async def open_process(
         if process._forced is not None:
             message += f" ({process._forced}: it had not exited {wait_timeout} s after the block)"
         raise ProcessFailed(message, code)
+
+
+def _cancelled() -> type[BaseException]:
+    try:
+        return anyio.get_cancelled_exc_class()
+    except Exception:  # no async library running (cannot happen in a coroutine)
+        return type(None)  # type: ignore[return-value]
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``, also on Python 3.10 (where tracebacks show ``__notes__`` once the
+    exceptiongroup backport is imported, as anyio does)."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:
+        notes = getattr(exc, "__notes__", None)
+        if notes is None:
+            notes = []
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        notes.append(note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,6 +525,7 @@ class _QueueLink:
         self._lock = threading.Lock()
         self._running = 0
         self._exits: list[str] = []
+        self._failed: list[str] = []
         self._checking = False
         self._ended = False
         self._reset_probe()
@@ -505,6 +544,8 @@ class _QueueLink:
         with self._lock:
             self._running -= 1
             self._exits.append(describe_exit(watch.name, watch.pid, code))
+            if code != 0:
+                self._failed.append(describe_exit(watch.name, watch.pid, code))
             if self._checking:
                 return
             self._checking = True
@@ -526,6 +567,8 @@ class _QueueLink:
         with self._lock:
             last = self._running == 0
             exits = "; ".join(self._exits)
+            failed = list(self._failed)
+            total = len(self._exits)
         if verdict == "cut":
             self._ended = True
             queue._reader.end(
@@ -536,8 +579,15 @@ class _QueueLink:
             )
         elif last and not channel.is_shutdown:  # after a shutdown, getters end with ShutDown
             self._ended = True
-            error = BrokenResourceError(f"every producer linked to the queue has exited: {exits}")
-            channel._feed_raw(bytes(dumps(EndMarker(error))))
+            end: BaseException
+            if failed:
+                end = BrokenResourceError(
+                    f"{len(failed)} of the {total} producers linked to the queue failed: "
+                    + "; ".join(failed)
+                )
+            else:  # every producer finished its work: the stream ends as after shutdown()
+                end = ShutDown()
+            channel._feed_raw(bytes(dumps(EndMarker(end))))
         return self._done()
 
     def _done(self) -> bool:
