@@ -247,7 +247,7 @@ class Pool:
         initializer: Callable[..., object] | None = None,
         initargs: Iterable[Any] = (),
         max_jobs_per_worker: int | None = None,
-        prefetch: int = 1,
+        prefetch: int = 2,
         stop_timeout: float = 5.0,
     ) -> None:
         if processes is None:
@@ -285,6 +285,11 @@ class Pool:
     def processes(self) -> int:
         """The number of worker processes the pool keeps running."""
         return self._processes
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the workers running now (a replacement shows once started)."""
+        return [w.pid for w in self._workers if w.alive and w.pid is not None]
 
     # -- life cycle --
 
@@ -728,7 +733,7 @@ def open_pool(
     initializer: Callable[..., object] | None = None,
     initargs: Iterable[Any] = (),
     max_jobs_per_worker: int | None = None,
-    prefetch: int = 1,
+    prefetch: int = 2,
     stop_timeout: float = 5.0,
 ) -> Pool:
     """A pool of ``processes`` worker processes (default: the number of CPUs), for ``async with``.
