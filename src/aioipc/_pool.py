@@ -2,11 +2,13 @@
 
 Each worker has its own duplex pipe to the pool and nothing else in common with the other workers.
 The pool sends a worker a few jobs ahead (``prefetch``), so that it never waits for the next one;
-the worker runs them in the order they came and answers each one at once, in that order. That
-order is what makes a worker's death exact: the oldest job it has not answered is the one it was
-running, and only that job fails (with :class:`aioipc.WorkerDied`); the jobs sent after it never
-started and go back to the front of the pool's queue. Death shows as the end of the worker's pipe
-(the kernel closes it with the process), then the process sentinel gives its exit code.
+the worker runs them in the order they came and answers each one at once. Before it runs a job, it
+writes the job's id into its slot of a small shared array (a store in shared memory: no message,
+no wake-up of the pool). That makes a worker's death exact: the job in its slot, if not answered,
+is the one it was running, and only that job fails (with :class:`aioipc.WorkerDied`); the other
+jobs it held never started and go back to the front of the pool's queue. Death shows as the end of
+the worker's pipe (the kernel closes it with the process), then the process sentinel gives its exit
+code.
 
 A caller that stops waiting (cancelled, timed out) marks its job abandoned: a job still in the
 pool's queue is dropped; a job already sent to a worker is withdrawn with a note on the pipe, which
@@ -48,7 +50,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # What a worker answers for a job.
-_OK, _RAISED, _SKIPPED, _STARTED, _INIT_FAILED = 0, 1, 2, 3, 4
+_OK, _RAISED, _SKIPPED, _INIT_FAILED = 0, 1, 2, 3
 
 #: Messages to a worker up to this size are written on the spot when its pipe has room (a Unix
 #: socket pair then takes them whole); larger ones go through the connection's writer thread.
@@ -129,12 +131,13 @@ def _serve(
     initargs: tuple[Any, ...],
     max_jobs: int | None,
     inherited: list[int],
+    started: Any,
+    slot: int,
 ) -> None:
     """The worker's main loop: read jobs (and withdrawals), run them in order, answer each.
 
-    Before running a job, the worker tells the pool it starts it: in the answer to the job before
-    (which names the next one, when the worker has it already) or in a message of its own. So the
-    pool knows which job a dead worker was running, and that the others never started.
+    Before running a job, the worker writes its id into ``started[slot]``: so the pool knows which
+    job a dead worker was running, and that the others never started.
     """
     # Under fork this process got a copy of the pool's end of every worker's pipe: drop them, or
     # those pipes would not end when the pool's process does.
@@ -150,10 +153,9 @@ def _serve(
             initializer(*initargs)
         except Exception as exc:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            conn.send((-1, _INIT_FAILED, (_describe(exc), tb), None))
+            conn.send((-1, _INIT_FAILED, (_describe(exc), tb)))
             sys.exit(1)
     inbox = _Inbox(conn)
-    announced: int | None = None
     done = 0
     try:
         while True:
@@ -165,17 +167,13 @@ def _serve(
             if payload is None:
                 status, data = _SKIPPED, None
             else:
-                if job_id != announced:
-                    conn.send((job_id, _STARTED, None, None))
+                started[slot] = job_id
                 _, status, data = _outcome(job_id, payload)
                 del payload
+            conn.send((job_id, status, data))
             done += 1
             if max_jobs is not None and done >= max_jobs:
-                conn.send((job_id, status, data, None))
                 return
-            inbox.take_arrived()
-            announced = inbox.order[0] if inbox.order else None
-            conn.send((job_id, status, data, announced))
     except EOFError:  # the pool closed its end: it is done with this worker
         return
 
@@ -201,8 +199,9 @@ class _Job:
 class _Worker:
     """A worker process as the pool sees it."""
 
-    def __init__(self, process: Process, conn: Connection[Any, Any], depth: int) -> None:
+    def __init__(self, process: Process, conn: Connection[Any, Any], depth: int, slot: int) -> None:
         self.process = process
+        self.slot = slot
         self.pid = process.pid
         self.conn = conn
         self.depth = depth
@@ -218,8 +217,6 @@ class _Worker:
         self.backlog: tuple[bytes, list[_Job]] | None = None
         self._out = select.poll()
         self._out.register(conn.fileno(), select.POLLOUT)
-        #: The job the worker said it started, until it answers it.
-        self.running: int | None = None
 
     def writable(self) -> bool:
         return bool(self._out.poll(0))
@@ -274,6 +271,8 @@ class Pool:
         self._state = "new"  # new, open, closing, closed
         self._broken: str | None = None
         self._tg: TaskGroup | None = None
+        #: The id of the job each worker slot started last (shared with the workers).
+        self._started_ids: Any = None
 
     def __repr__(self) -> str:
         return (
@@ -300,8 +299,9 @@ class Pool:
         await self._tg.__aenter__()
         self._state = "open"
         try:
-            for _ in range(self._processes):
-                self._start_worker()
+            self._started_ids = self._ctx.RawArray("q", self._processes)
+            for slot in range(self._processes):
+                self._start_worker(slot)
         except BaseException:
             await self._shut(abort=True)
             raise
@@ -351,7 +351,9 @@ class Pool:
             await worker.process.stop(self._stop_timeout)
             worker.process.close()
 
-    def _start_worker(self) -> None:
+    def _start_worker(self, slot: int) -> None:
+        assert self._started_ids is not None
+        self._started_ids[slot] = 0  # job ids start at 1
         parent_end, child_end = self._ctx.Pipe(duplex=True)
         self._started += 1
         inherited = []
@@ -359,7 +361,15 @@ class Pool:
             inherited = [parent_end.fileno(), *(w.conn.fileno() for w in self._workers)]
         process = Process(
             target=_serve,
-            args=(child_end, self._initializer, self._initargs, self._max_jobs, inherited),
+            args=(
+                child_end,
+                self._initializer,
+                self._initargs,
+                self._max_jobs,
+                inherited,
+                self._started_ids,
+                slot,
+            ),
             name=f"aioipc-pool-worker-{self._started}",
             ctx=self._ctx,
         )
@@ -370,7 +380,7 @@ class Pool:
             raise
         finally:
             child_end.close()  # the child's copy is the only one left: its death ends the pipe
-        worker = _Worker(process, Connection.wrap(parent_end), self._depth)
+        worker = _Worker(process, Connection.wrap(parent_end), self._depth, slot)
         self._workers.append(worker)
         assert self._tg is not None
         self._tg.start_soon(self._receive, worker, name=f"{process.name} receiver")
@@ -429,14 +439,10 @@ class Pool:
     async def _receive(self, worker: _Worker) -> None:
         """Hand the worker's answers to the callers; on the end of its pipe, bury it."""
         try:
-            async for job_id, status, data, announced in worker.conn:
-                if status == _STARTED:
-                    worker.running = job_id
-                    continue
+            async for job_id, status, data in worker.conn:
                 if status == _INIT_FAILED:
                     self._break(worker, *data)
                     continue
-                worker.running = announced
                 job = worker.held.pop(job_id, None)
                 if job is not None:  # else failed already (the pool broke)
                     job.payload = None
@@ -504,7 +510,8 @@ class Pool:
                 await worker.process.wait()
         code = worker.process.exitcode
         worker.process.close()
-        running = worker.held.pop(worker.running, None) if worker.running is not None else None
+        assert self._started_ids is not None
+        running = worker.held.pop(self._started_ids[worker.slot], None)  # if not answered
         unsent = list(worker.held.values())  # never started: they go back to the queue
         worker.held.clear()
         if running is not None:
@@ -523,7 +530,7 @@ class Pool:
                 job.sent = False
                 self._pending.appendleft(job)
         if self._state in ("open", "closing") and self._broken is None:
-            self._start_worker()
+            self._start_worker(worker.slot)
         else:
             self._dispatch()
 
