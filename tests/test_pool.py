@@ -283,6 +283,27 @@ async def test_a_busy_worker_killed_fails_only_its_job_and_is_replaced(probe: Pr
     assert outcomes["b"] == "b"
 
 
+async def test_a_killed_worker_fails_its_job_and_is_replaced_under_each_start_method(
+    ctx: Any,
+) -> None:
+    probe = Probe(ctx)
+    try:
+        async with probe.pool(1, ctx) as pool, anyio.create_task_group() as tg:
+            outcomes: list[Any] = []
+
+            async def job() -> None:
+                outcomes.append(await outcome(pool, block, "victim"))
+
+            tg.start_soon(job)
+            _, pid = await probe.started()
+            os.kill(pid, signal.SIGKILL)
+            assert await pool.run(pid_of_worker) != pid  # served by the replacement
+        assert isinstance(outcomes[0], aioipc.WorkerDied)
+        assert outcomes[0].pid == pid
+    finally:
+        probe.close()
+
+
 async def test_a_replacement_serves_the_next_jobs(probe: Probe) -> None:
     async with probe.pool(1, FORK) as pool:
         first = await pool.run(pid_of_worker)
