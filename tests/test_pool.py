@@ -41,6 +41,12 @@ def square(x: int) -> int:
     return x * x
 
 
+def check_not_three(x: int) -> int:
+    if x == 3:
+        raise ValueError("three")
+    return x
+
+
 def pid_of_worker() -> int:
     return os.getpid()
 
@@ -193,6 +199,29 @@ async def test_map_reads_the_iterable_as_results_are_consumed() -> None:
         assert await results.__anext__() == 0
         assert len(taken) <= 4
         await results.aclose()
+
+
+async def test_map_raises_the_exception_of_a_failed_item_in_its_place() -> None:
+    async with aioipc.open_pool(2, ctx=FORK) as pool:
+        seen: list[int] = []
+
+        async def consume() -> None:
+            async for y in pool.map(check_not_three, range(10)):
+                seen.append(y)
+
+        with pytest.raises(ValueError, match="three"):
+            await consume()
+        assert seen == [0, 1, 2]
+        assert await pool.run(square, 2) == 4
+
+
+async def test_large_arguments_and_results_travel_whole() -> None:
+    big = bytes(range(256)) * 8192  # 2 MiB: beyond what is written on the spot
+    async with aioipc.open_pool(2, ctx=FORK) as pool:
+        assert await pool.run(len, big) == len(big)
+        assert await pool.run(bytes, len(big)) == bytes(len(big))
+        results = [y async for y in pool.map(len, [big] * 8)]
+        assert results == [len(big)] * 8
 
 
 async def test_many_concurrent_jobs_all_get_their_own_result() -> None:

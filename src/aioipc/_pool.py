@@ -525,6 +525,12 @@ class Pool:
                     code,
                 ),
             )
+        if self._state == "closed":  # the pool ended while this worker was being buried
+            for job in unsent:
+                self._settle(
+                    job, error=ClosedResourceError("the pool was closed before the job finished")
+                )
+            return
         for job in reversed(unsent):
             if not job.abandoned:
                 job.sent = False
@@ -730,7 +736,10 @@ class PoolMap(Generic[R]):
 
     def __del__(self) -> None:
         if not getattr(self, "_closed", True):
-            self.close()
+            try:
+                self.close()
+            except Exception:  # the pool is gone (interpreter exit)
+                pass
 
 
 def open_pool(
