@@ -293,6 +293,10 @@ class Pool:
     # -- life cycle --
 
     async def __aenter__(self) -> Pool:
+        """Start the workers (their start is not awaited: the first jobs wait for them).
+
+        **Cancellation**: nothing to cancel; it returns at once.
+        """
         if self._state != "new":
             raise RuntimeError("a pool can be entered only once")
         self._tg = anyio.create_task_group()
@@ -313,6 +317,12 @@ class Pool:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        """Stop the pool: after the jobs callers still wait for when the block ended normally, at
+        once when it raised (see :func:`aioipc.open_pool`).
+
+        **Cancellation**: cancelled while waiting for those jobs, it terminates the workers as if
+        the block had raised (that part is shielded), then the cancellation propagates.
+        """
         await self._shut(abort=exc is not None)
 
     async def _shut(self, *, abort: bool) -> None:
