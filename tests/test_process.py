@@ -62,6 +62,13 @@ def send_and_exit(conn: aioipc.Connection[Any, Any]) -> None:
     conn.sync.close()
 
 
+def close_all(ends: list[aioipc.Connection[Any, Any]]) -> None:
+    for end in ends:
+        end.close()
+    if not all(end.closed for end in ends):
+        sys.exit(1)
+
+
 def put_pid(q: aioipc.Queue[int]) -> None:
     q.sync.put(os.getpid())
 
@@ -342,3 +349,13 @@ async def test_close_connections_false_keeps_them_open() -> None:
     with pytest.raises(EOFError):
         await mine.recv()
     mine.close()
+
+
+async def test_an_end_closed_here_reaches_the_child_closed(ctx: Any) -> None:
+    a, b = aioipc.Pipe(ctx=ctx)
+    async with aioipc.open_process(send_and_exit, b, ctx=ctx):  # closes b here once started
+        pass
+    async with aioipc.open_process(close_all, [a, b], ctx=ctx) as process:
+        pass
+    assert process.exitcode == 0
+    a.close()

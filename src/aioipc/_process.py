@@ -463,6 +463,13 @@ async def open_process(
     **Cancellation**: cancelling the block, or the wait at its end, terminates and then kills the
     process (shielded) before the cancellation propagates.
     """
+    # An end this process closed already (an earlier open_process closed it, say) still reaches
+    # the child, closed: a child given ends only to close them does not care which ones remain.
+    # (Under fork the arguments are not pickled: the closed objects themselves get there.)
+    if (ctx or mp_context._default_context).get_start_method() != "fork":
+        args = tuple(_closed_as_stand_in(arg) for arg in args)
+        if kwargs is not None:
+            kwargs = {key: _closed_as_stand_in(value) for key, value in kwargs.items()}
     process = Process(target=target, args=args, kwargs=kwargs, name=name, daemon=daemon, ctx=ctx)
     process.start()
     pid = process.pid
@@ -485,6 +492,32 @@ async def open_process(
         if process._forced is not None:
             message += f" ({process._forced}: it had not exited {wait_timeout} s after the block)"
         raise ProcessFailed(message, code)
+
+
+class _ClosedEnd:
+    """Pickles a closed :class:`aioipc.Connection` into a closed one in the child."""
+
+    def __reduce__(self) -> tuple[Callable[[], Connection[Any, Any]], tuple[()]]:
+        return _closed_connection, ()
+
+
+def _closed_connection() -> Connection[Any, Any]:
+    end: Connection[Any, Any] = Connection.__new__(Connection)
+    end._closed = True  # all a closed end needs: close() is a no-op, everything else raises
+    end._owner_pid = -1
+    return end
+
+
+def _closed_as_stand_in(value: Any) -> Any:
+    """``value``, with the closed connections in it (itself, or items of a list or tuple)
+    replaced by stand-ins that pickle."""
+    if isinstance(value, Connection):
+        return _ClosedEnd() if value.closed else value
+    if type(value) in (list, tuple) and any(
+        isinstance(item, Connection) and item.closed for item in value
+    ):
+        return type(value)(_closed_as_stand_in(item) for item in value)
+    return value
 
 
 def _cancelled() -> type[BaseException]:
