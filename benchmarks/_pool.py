@@ -87,7 +87,11 @@ def jobs(variant: str, in_flight: int, n: int) -> Sample:
             async def run_executor() -> Sample:
                 loop = asyncio.get_running_loop()
                 with ProcessPoolExecutor(WORKERS, mp_context=m.CTX) as executor:
-                    return await _drive(partial(loop.run_in_executor, executor, noop), in_flight, n)
+
+                    async def call(i: int) -> int:
+                        return await loop.run_in_executor(executor, noop, i)
+
+                    return await _drive(call, in_flight, n)
 
             return w.run_on("asyncio", run_executor)
         if variant == "anyio":
