@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import struct
 import sys
 import traceback
 from collections import deque
@@ -63,6 +64,24 @@ def _dumps(obj: object) -> bytes:
     return bytes(ForkingPickler.dumps(obj))
 
 
+# The wire, in frames of multiprocessing's format. To a worker: how many jobs and withdrawals, the
+# ids of the jobs withdrawn, then each job: its id, its length and its pickled (fn, args, kwargs).
+# From a worker: the job's id and what became of it, then the pickled result (or error details).
+# No pickle around pickles: each side unpickles only what is the user's.
+_COUNTS = struct.Struct("!II")
+_ID = struct.Struct("!q")
+_JOB = struct.Struct("!qI")
+_ANSWER = struct.Struct("!qB")
+
+
+def _encode_jobs(jobs: list[tuple[int, bytes]], withdrawn: list[int]) -> bytes:
+    parts = [_COUNTS.pack(len(jobs), len(withdrawn))]
+    parts += [_ID.pack(job_id) for job_id in withdrawn]
+    for job_id, payload in jobs:
+        parts += [_JOB.pack(job_id, len(payload)), payload]
+    return b"".join(parts)
+
+
 # --------------------------------------------------------------------------------------------
 # The worker process
 # --------------------------------------------------------------------------------------------
@@ -79,25 +98,25 @@ def _describe(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
-def _outcome(job_id: int, payload: bytes) -> tuple[int, int, Any]:
-    """Run one job; what to answer for it."""
+def _outcome(job_id: int, payload: memoryview) -> bytes:
+    """Run one job; the answer to send for it."""
     try:
         fn, args, kwargs = ForkingPickler.loads(payload)
         result = fn(*args, **kwargs)
     except Exception as exc:
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         try:
-            data: bytes | None = _dumps(exc)
+            pickled: bytes | None = _dumps(exc)
         except Exception as why:
-            data = None
+            pickled = None
             tb += f"\n(the exception could not be pickled: {_describe(why)})"
-        return job_id, _RAISED, (data, tb, _describe(exc))
+        return _ANSWER.pack(job_id, _RAISED) + _dumps((pickled, tb, _describe(exc)))
     try:
-        return job_id, _OK, _dumps(result)
+        return _ANSWER.pack(job_id, _OK) + _dumps(result)
     except Exception as why:
         tb = "".join(traceback.format_exception(type(why), why, why.__traceback__))
-        return job_id, _RAISED, (None, tb, f"the result of type {type(result).__name__} "
-                                 f"could not be pickled: {_describe(why)}")  # fmt: skip
+        what = f"the result of type {type(result).__name__} could not be pickled: {_describe(why)}"
+        return _ANSWER.pack(job_id, _RAISED) + _dumps((None, tb, what))
 
 
 class _Inbox:
@@ -106,15 +125,24 @@ class _Inbox:
     def __init__(self, conn: mpc.Connection) -> None:
         self.conn = conn
         self.order: deque[int] = deque()
-        self.payloads: dict[int, bytes | None] = {}  # None: withdrawn
+        self.payloads: dict[int, memoryview | None] = {}  # None: withdrawn
         self.poller = select.poll()
         self.poller.register(conn.fileno(), select.POLLIN)
 
-    def take(self, message: tuple[list[tuple[int, bytes]], list[int]]) -> None:
-        jobs, withdrawn = message
-        for job_id, payload in jobs:
+    def take(self, message: bytes) -> None:
+        n_jobs, n_withdrawn = _COUNTS.unpack_from(message)
+        at = _COUNTS.size
+        withdrawn = []
+        for _ in range(n_withdrawn):
+            withdrawn.append(_ID.unpack_from(message, at)[0])
+            at += _ID.size
+        view = memoryview(message)
+        for _ in range(n_jobs):
+            job_id, size = _JOB.unpack_from(message, at)
+            at += _JOB.size
             self.order.append(job_id)
-            self.payloads[job_id] = payload
+            self.payloads[job_id] = view[at : at + size]
+            at += size
         for job_id in withdrawn:
             if job_id in self.payloads:
                 self.payloads[job_id] = None
@@ -122,7 +150,7 @@ class _Inbox:
     def take_arrived(self) -> None:
         """Read the messages already there, without waiting (EOFError at the end of the pipe)."""
         while self.poller.poll(0):
-            self.take(self.conn.recv())
+            self.take(self.conn.recv_bytes())
 
 
 def _serve(
@@ -153,7 +181,7 @@ def _serve(
             initializer(*initargs)
         except Exception as exc:
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            conn.send((-1, _INIT_FAILED, (_describe(exc), tb)))
+            conn.send_bytes(_ANSWER.pack(-1, _INIT_FAILED) + _dumps((_describe(exc), tb)))
             sys.exit(1)
     inbox = _Inbox(conn)
     done = 0
@@ -161,16 +189,16 @@ def _serve(
         while True:
             inbox.take_arrived()
             while not inbox.order:
-                inbox.take(conn.recv())
+                inbox.take(conn.recv_bytes())
             job_id = inbox.order.popleft()
             payload = inbox.payloads.pop(job_id)
             if payload is None:
-                status, data = _SKIPPED, None
+                answer = _ANSWER.pack(job_id, _SKIPPED)
             else:
                 started[slot] = job_id
-                _, status, data = _outcome(job_id, payload)
+                answer = _outcome(job_id, payload)
                 del payload
-            conn.send((job_id, status, data))
+            conn.send_bytes(answer)
             done += 1
             if max_jobs is not None and done >= max_jobs:
                 return
@@ -415,7 +443,7 @@ class Pool:
         if not jobs and not withdrawn:
             self._dispatch()
             return
-        data = _dumps(([(job.id, job.payload) for job in jobs], withdrawn))
+        data = _encode_jobs([(job.id, job.payload or b"") for job in jobs], withdrawn)
         if len(data) <= _INLINE_SEND_MAX and worker.writable():
             try:
                 worker.conn.sync.send_bytes(data)
@@ -449,9 +477,12 @@ class Pool:
     async def _receive(self, worker: _Worker) -> None:
         """Hand the worker's answers to the callers; on the end of its pipe, bury it."""
         try:
-            async for job_id, status, data in worker.conn:
+            while True:
+                frame = await worker.conn.recv_bytes()
+                job_id, status = _ANSWER.unpack_from(frame)
+                data = frame[_ANSWER.size :]
                 if status == _INIT_FAILED:
-                    self._break(worker, *data)
+                    self._break(worker, *ForkingPickler.loads(data))
                     continue
                 job = worker.held.pop(job_id, None)
                 if job is not None:  # else failed already (the pool broke)
@@ -461,8 +492,8 @@ class Pool:
                     self._dispatch()
         except anyio.ClosedResourceError:
             return  # the pool closed it
-        except OSError:
-            pass  # a reset pipe: the end of it, as EOF
+        except (EOFError, OSError):
+            pass  # the end of the pipe (or a reset: the same)
         if worker.alive:
             await self._bury(worker)
 
@@ -480,7 +511,7 @@ class Pool:
             else:
                 self._settle(job, result=result)
             return
-        pickled, tb, description = data
+        pickled, tb, description = ForkingPickler.loads(data)
         error: BaseException
         if pickled is None:
             error = RemoteError(description)
