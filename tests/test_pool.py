@@ -59,6 +59,10 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def call_sys_exit(code: int) -> None:
+    sys.exit(code)
+
+
 def block(tag: str) -> str:
     """Say where it runs, then wait for the test's release."""
     assert _report is not None
@@ -357,6 +361,13 @@ async def test_a_job_that_exits_the_worker_fails_with_worker_died() -> None:
             await pool.run(exit_now, 3)
         assert info.value.exitcode == 3
         assert info.value.name.startswith("aioipc-pool-worker-")
+        assert await pool.run(square, 4) == 16
+
+
+async def test_a_job_that_calls_sys_exit_fails_with_worker_died() -> None:
+    async with aioipc.open_pool(1, ctx=FORK) as pool:
+        with pytest.raises(aioipc.WorkerDied, match="exited with code 7"):
+            await pool.run(call_sys_exit, 7)
         assert await pool.run(square, 4) == 16
 
 
