@@ -173,6 +173,9 @@ def _summarise(group: Group, samples: dict[str, list[Sample]]) -> list[Row]:
         row = Row(group.section, group.label, variant.name, group.unit, statistics.median(values))
         row.values = values
         row.extra = {key: statistics.median(s.extra[key] for s in mine) for key in mine[0].extra}
+        row.note = ", ".join(
+            f"{k[:-3]} {v:.0f} us" for k, v in row.extra.items() if k[-3:] == "_us"
+        )
         if base is not None:
             row.ratios = [s.value / b.value for s, b in zip(mine, base, strict=True)]
             row.ratio = statistics.median(row.ratios)
@@ -478,6 +481,8 @@ def heartbeat_groups() -> list[Group]:
 
 def all_groups() -> list[Group]:
     """Every case of the suite, in the order of the table."""
+    from . import _pool  # it builds on this module
+
     return [
         *throughput_groups("queue"),
         *throughput_groups("pipe"),
@@ -489,4 +494,5 @@ def all_groups() -> list[Group]:
         *round_trip_groups(),
         *pending_groups(),
         *heartbeat_groups(),
+        *_pool.pool_groups(),
     ]

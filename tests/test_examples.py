@@ -298,3 +298,32 @@ async def test_asgi_workers_stops_its_workers_and_exits_cleanly_on(sig: signal.S
     assert response.json() == {"n": 10, "fib": 55}
     assert len(pids) == 3
     assert stdout.splitlines() == ["stopped 3 worker processes after 1 jobs"]
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
+async def test_asgi_workers_answers_a_crash_with_502_at_once_and_goes_on() -> None:
+    with asgi_server("--processes", "2") as server:
+        async with client_of(server) as client:
+            slow = asyncio.ensure_future(client.get("/fib/27"))
+            before = (await client.get("/stats")).json()["worker_pids"]
+            crashed = await client.get("/crash")
+            after_crash = await asyncio.gather(*(client.get(f"/fib/{n}") for n in range(20)))
+            slow_response = await slow
+            stats = (await client.get("/stats")).json()
+        # A worker is dead and replaced; SIGTERM still ends the server at once and cleanly.
+        stopped_at = time.monotonic()
+        server.stop(signal.SIGTERM)
+        stopping_took = time.monotonic() - stopped_at
+
+    assert crashed.status_code == 502
+    body = crashed.json()
+    assert body["pid"] in before
+    assert body["exitcode"] == -signal.SIGKILL
+    assert "SIGKILL" in body["error"]
+    assert [r.json() for r in after_crash] == [{"n": n, "fib": fib(n)} for n in range(20)]
+    assert slow_response.json() == {"n": 27, "fib": fib(27)}
+    assert stats["workers_lost"] == 1
+    assert len(stats["worker_pids"]) == 2
+    assert body["pid"] not in stats["worker_pids"]
+    assert stopping_took < 5

@@ -45,6 +45,30 @@ def raise_value_error() -> None:
     raise ValueError("bad input")
 
 
+def echo_until_eof(conn: aioipc.Connection[Any, Any], inherited_fd: int = -1) -> None:
+    if inherited_fd >= 0:  # under fork: this process's copy of the parent's end
+        os.close(inherited_fd)
+    with conn.sync as sync:
+        sync.send("ready")
+        while True:
+            try:
+                sync.send(sync.recv())
+            except EOFError:
+                return
+
+
+def send_and_exit(conn: aioipc.Connection[Any, Any]) -> None:
+    conn.sync.send("hello")
+    conn.sync.close()
+
+
+def close_all(ends: list[aioipc.Connection[Any, Any]]) -> None:
+    for end in ends:
+        end.close()
+    if not all(end.closed for end in ends):
+        sys.exit(1)
+
+
 def put_pid(q: aioipc.Queue[int]) -> None:
     q.sync.put(os.getpid())
 
@@ -255,3 +279,83 @@ async def test_a_fork_child_of_a_running_loop_can_run_new_event_loops() -> None:
     async with aioipc.open_process(start_new_event_loops, ctx=FORK) as process:
         pass
     assert process.exitcode == 0
+
+
+# -- open_process: every failure reported, connections closed --
+
+
+async def test_a_worker_that_failed_is_noted_on_the_blocks_own_exception() -> None:
+    async def block() -> None:
+        async with aioipc.open_process(exit_with, 3, ctx=FORK, name="quitter") as process:
+            assert await process.wait() == 3
+            raise KeyError("the block's own error")
+
+    with pytest.raises(KeyError) as info:
+        await block()
+    notes = getattr(info.value, "__notes__", [])
+    assert len(notes) == 1
+    assert "quitter (pid" in notes[0]
+    assert "exited with code 3" in notes[0]
+
+
+async def test_nested_blocks_report_every_failed_worker() -> None:
+    async def blocks() -> None:
+        async with aioipc.open_process(exit_with, 1, ctx=FORK, name="outer") as outer:
+            await outer.wait()
+            async with aioipc.open_process(exit_with, 2, ctx=FORK, name="inner"):
+                pass
+
+    with pytest.raises(aioipc.ProcessFailed, match="inner") as info:
+        await blocks()
+    notes = getattr(info.value, "__notes__", [])
+    assert len(notes) == 1
+    assert "outer (pid" in notes[0]
+    assert "exited with code 1" in notes[0]
+
+
+async def test_a_worker_terminated_because_the_block_raised_is_not_noted() -> None:
+    with pytest.raises(KeyError) as info:
+        async with aioipc.open_process(sleep_for, 30, ctx=FORK):
+            raise KeyError("stop")
+    assert not getattr(info.value, "__notes__", [])
+
+
+async def test_open_process_closes_the_connection_ends_it_passes(ctx: Any) -> None:
+    mine, theirs = aioipc.Pipe(ctx=ctx)
+    # Under fork the child holds a copy of `mine` too, and must close it (the fork trap).
+    inherited = mine.fileno() if ctx.get_start_method() == "fork" else -1
+    async with aioipc.open_process(echo_until_eof, theirs, inherited, ctx=ctx) as process:
+        assert theirs.closed
+        assert await mine.recv() == "ready"
+        await mine.send(1)
+        assert await mine.recv() == 1
+        mine.close()  # the last copy of this end: the child sees EOF and exits
+    assert process.exitcode == 0
+
+
+async def test_eof_arrives_once_the_child_closes_its_end(ctx: Any) -> None:
+    mine, theirs = aioipc.Pipe(ctx=ctx)
+    async with mine, aioipc.open_process(send_and_exit, theirs, ctx=ctx):
+        received = [message async for message in mine]  # ends at EOF, no manual close
+    assert received == ["hello"]
+
+
+async def test_close_connections_false_keeps_them_open() -> None:
+    mine, theirs = aioipc.Pipe(ctx=FORK)
+    async with aioipc.open_process(send_and_exit, theirs, ctx=FORK, close_connections=False):
+        assert not theirs.closed
+    assert await mine.recv() == "hello"
+    theirs.close()
+    with pytest.raises(EOFError):
+        await mine.recv()
+    mine.close()
+
+
+async def test_an_end_closed_here_reaches_the_child_closed(ctx: Any) -> None:
+    a, b = aioipc.Pipe(ctx=ctx)
+    async with aioipc.open_process(send_and_exit, b, ctx=ctx):  # closes b here once started
+        pass
+    async with aioipc.open_process(close_all, [a, b], ctx=ctx) as process:
+        pass
+    assert process.exitcode == 0
+    a.close()

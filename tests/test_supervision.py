@@ -91,6 +91,8 @@ def consume_async(q: aioipc.Queue[int], report: aioipc.Queue[Any]) -> None:
                 count += 1
         except Exception as exc:
             await report.put(("async", count, type(exc).__name__, str(exc)))
+        else:
+            await report.put(("async", count, "ended", ""))
 
     anyio.run(main)
 
@@ -127,29 +129,80 @@ def baseline_fds(ctx: Any) -> int:
 # -- the normal ends --
 
 
-async def test_getters_get_every_item_then_brokenresourceerror_when_producers_exit(
-    ctx: Any,
-) -> None:
+async def test_iteration_ends_cleanly_once_every_linked_producer_exited_with_0(ctx: Any) -> None:
     fds = baseline_fds(ctx)
     q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
     received: list[int] = []
-    pids = []
+    async with aioipc.open_process(put_range, q, 1000, ctx=ctx, name="producer") as producer:
+        q.link(producer)
+        await drain(q, received)  # async for ends, as after shutdown()
+    assert received == list(range(1000))
+    with pytest.raises(aioipc.ShutDown):
+        await q.get()
+    q.close()
+    assert await fds_back_to(fds) == fds
+
+
+async def test_producers_that_all_finish_before_the_consumer_end_the_stream_cleanly() -> None:
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=FORK)
+    received: list[int] = []
+    async with (
+        aioipc.open_process(put_range, q, 100, ctx=FORK) as first,
+        aioipc.open_process(put_range_slowly, q, 100, 10, ctx=FORK) as second,
+        aioipc.open_process(put_range, q, 0, ctx=FORK) as third,
+    ):
+        q.link(first, second, third)
+        for process in (first, second, third):
+            assert await process.wait() == 0  # all gone before the first get
+        await drain(q, received)
+    assert sorted(received) == [*range(100), *range(100, 110)]
+    q.close()
+
+
+async def test_mixed_exits_name_every_failed_producer_and_only_them() -> None:
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=FORK)
+    received: list[int] = []
 
     async def consume() -> None:
-        async with aioipc.open_process(put_range, q, 1000, ctx=ctx, name="producer") as producer:
-            q.link(producer)
-            pids.append(producer.pid)
+        async with (
+            aioipc.open_process(put_range, q, 10, ctx=FORK, name="fine") as fine,
+            aioipc.open_process(put_range_then_raise, q, 10, ctx=FORK, name="raises") as raises,
+            aioipc.open_process(put_forever, q, ctx=FORK, name="killed") as killed,
+        ):
+            q.link(fine, raises, killed)
+            await raises.wait()
+            killed.kill()
             await drain(q, received)
 
     with pytest.raises(aioipc.BrokenResourceError) as info:
         await consume()
-    assert received == list(range(1000))
-    assert str(info.value) == (
-        "every producer linked to the queue has exited: "
-        f"producer (pid {pids[0]}) exited with code 0"
-    )
+    message = str(info.value)
+    assert message.startswith("2 of the 3 producers linked to the queue failed: ")
+    assert "raises (pid" in message
+    assert "exited with code 1" in message
+    assert "killed (pid" in message
+    assert "was killed by SIGKILL" in message
+    assert "fine (pid" not in message
+    assert all(received.count(i) >= 2 for i in range(10))  # the items came first
     q.close()
-    assert await fds_back_to(fds) == fds
+
+
+@pytest.mark.xfail(
+    strict=False, reason="Queue.get() awaits the reader inside `except IndexError` (_queue.py)"
+)
+async def test_no_internal_exception_is_chained_into_the_error() -> None:
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=FORK)
+
+    async def consume() -> None:
+        async with aioipc.open_process(put_range_then_raise, q, 0, ctx=FORK) as producer:
+            q.link(producer)
+            await drain(q, [])
+
+    with pytest.raises(aioipc.BrokenResourceError) as info:
+        await consume()
+    q.close()
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__ or info.value.__context__ is None
 
 
 async def test_iteration_ends_cleanly_when_the_producer_shut_the_queue_down(ctx: Any) -> None:
@@ -184,13 +237,14 @@ async def test_the_error_waits_for_every_linked_producer() -> None:
     from_slow = [item for item in received if item >= 100]
     assert sorted(set(received) - set(from_slow)) == list(range(10))
     assert from_slow == list(range(100, 100 + len(from_slow)))
-    assert "quick (pid" in str(info.value)
+    assert "1 of the 2 producers" in str(info.value)
+    assert "quick (pid" not in str(info.value)  # it exited with 0
     assert "slow (pid" in str(info.value)
     assert "was killed by SIGKILL" in str(info.value)
     q.close()
 
 
-async def test_getters_in_other_processes_get_the_error_too(ctx: Any) -> None:
+async def test_getters_in_other_processes_see_the_end_too(ctx: Any) -> None:
     q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
     report: aioipc.Queue[Any] = aioipc.Queue(ctx=ctx)
     async with (
@@ -203,9 +257,7 @@ async def test_getters_in_other_processes_get_the_error_too(ctx: Any) -> None:
             outcomes = sorted([await report.get(), await report.get()])
     assert [kind for kind, *_ in outcomes] == ["async", "sync"]
     assert sum(count for _, count, *_ in outcomes) == 2000
-    for _, _, error, message in outcomes:
-        assert error == "BrokenResourceError"
-        assert message.endswith("exited with code 0")
+    assert [error for _, _, error, _ in outcomes] == ["ended", "ShutDown"]
     q.close()
     report.close()
 
@@ -306,10 +358,10 @@ async def test_a_producer_killed_holding_the_write_lock_does_not_stop_the_others
                 holder.kill()
                 await drain(q, received)
 
-    with pytest.raises(aioipc.BrokenResourceError, match=r"exited with code 0$") as info:
+    with pytest.raises(aioipc.BrokenResourceError, match="1 of the 2 producers") as info:
         await consume()
     assert received == list(range(20))
-    assert "was killed by SIGKILL" in str(info.value)  # the holder, which exited first
+    assert "was killed by SIGKILL" in str(info.value)  # the holder
     q.close()
     assert await fds_back_to(fds) == fds
 

@@ -12,8 +12,14 @@ from ._exceptions import ClosedResourceError as ClosedResourceError
 from ._exceptions import Empty as Empty
 from ._exceptions import Full as Full
 from ._exceptions import ProcessFailed as ProcessFailed
+from ._exceptions import RemoteError as RemoteError
+from ._exceptions import RemoteTraceback as RemoteTraceback
 from ._exceptions import ShutDown as ShutDown
+from ._exceptions import WorkerDied as WorkerDied
 from ._mpqueue import SyncQueue as SyncQueue
+from ._pool import Pool as Pool
+from ._pool import PoolMap as PoolMap
+from ._pool import open_pool as open_pool
 from ._process import Process as Process
 from ._process import open_process as open_process
 from ._queue import JoinableQueue as JoinableQueue
@@ -31,14 +37,20 @@ __all__ = [
     "Listener",
     "ListenerStatistics",
     "Pipe",
+    "Pool",
+    "PoolMap",
     "Process",
     "ProcessFailed",
     "Queue",
     "QueueStatistics",
+    "RemoteError",
+    "RemoteTraceback",
     "ShutDown",
     "SyncQueue",
+    "WorkerDied",
     "connect",
     "listen",
+    "open_pool",
     "open_process",
 ]
 

@@ -19,7 +19,10 @@ __all__ = [
     "Empty",
     "Full",
     "ProcessFailed",
+    "RemoteError",
+    "RemoteTraceback",
     "ShutDown",
+    "WorkerDied",
 ]
 
 _shutdown_bases: tuple[type[Exception], ...]
@@ -87,6 +90,76 @@ class ProcessFailed(Exception):
         return str(self.args[0])
 
 
-for _cls in (Empty, Full, ShutDown, ClosedResourceError, BrokenResourceError, ProcessFailed):
+class WorkerDied(BrokenResourceError):
+    """Raised when the pool worker that was running a job died before the job finished: it was
+    killed (``SIGKILL``, the OOM killer, a crash) or exited (``os._exit``, ``sys.exit``).
+
+    Only the job the worker was running fails with it; the pool starts a replacement. ``name``,
+    ``pid`` and ``exitcode`` (``-N`` for signal ``N``, None if unknown) say which worker and how;
+    the message says it too. It is an :class:`aioipc.BrokenResourceError`.
+    """
+
+    def __init__(self, message: str, name: str, pid: int | None, exitcode: int | None) -> None:
+        super().__init__(message, name, pid, exitcode)
+
+    @property
+    def name(self) -> str:
+        """The name of the worker process."""
+        return str(self.args[1])
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the worker."""
+        pid: int | None = self.args[2]
+        return pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """The exit code of the worker (``-N`` if signal ``N`` killed it; None if unknown)."""
+        code: int | None = self.args[3]
+        return code
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class RemoteTraceback(Exception):
+    """Raised nowhere by itself: it is the ``__cause__`` of a job's exception re-raised by
+    ``Pool.run``, and its message is the traceback of the exception in the worker process, so the
+    worker's side of the story shows in the caller's traceback.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+
+    @property
+    def text(self) -> str:
+        """The traceback text, as the worker formatted it."""
+        return str(self.args[0])
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class RemoteError(Exception):
+    """Raised by ``Pool.run`` in place of what a job produced when it cannot travel back as itself:
+    its exception or its result could not be pickled in the worker, or not be unpickled here.
+
+    The message names the type and the text of the original; the worker's traceback, when there is
+    one, is its ``__cause__`` (a :class:`aioipc.RemoteTraceback`).
+    """
+
+
+for _cls in (
+    Empty,
+    Full,
+    ShutDown,
+    ClosedResourceError,
+    BrokenResourceError,
+    ProcessFailed,
+    WorkerDied,
+    RemoteTraceback,
+    RemoteError,
+):
     _cls.__module__ = "aioipc"
 del _cls

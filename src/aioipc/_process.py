@@ -8,14 +8,16 @@ Supervision (``Queue.link``) needs to notice exits that nobody awaits, so it use
 per process (started while something is watched, gone when nothing is). It reads exit codes without
 racing the thread that owns the process object (an :class:`aioipc.Process` serialises its polls;
 other processes are peeked at without reaping them). When every producer linked to a queue has
-exited, the watcher appends an end marker
-to the queue's stream: it travels behind every item the producers wrote, so each reader, in any
-process, hands out those items first, then raises :class:`aioipc.BrokenResourceError`.
+exited, the watcher appends an end marker to the queue's stream: it travels behind every item the
+producers wrote, so each reader, in any process, hands out those items first, then ends: as after
+``shutdown()`` if every producer exited with code 0, else with
+:class:`aioipc.BrokenResourceError` naming the failed ones.
 
-A producer killed inside ``put`` may leave one of the queue's locks taken for good: the state lock
-(a few counters) or the write lock. The watcher gives back a lock that no live process would hold
-that long, once the stream is at an item boundary; if the producer died in the middle of writing an
-item, the stream is cut and cannot be repaired: the getters of this process are ended at once.
+A producer killed inside ``put`` may leave the queue's write lock taken. The queue records who
+holds it, so after each exit the watcher asks the queue to give back the locks of dead holders
+that were between two items (:meth:`SyncQueue.recover`); if the producer died in the middle of
+writing an item, the stream is cut and cannot be repaired: the getters of this process are ended
+at once (and every process's getters raise once they find the dead holder).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._bridge import LoopHandle, current_loop
-from ._exceptions import BrokenResourceError, ProcessFailed
+from ._connection import Connection
+from ._exceptions import BrokenResourceError, ProcessFailed, ShutDown
 from ._mpqueue import EndMarker, SyncQueue
 from ._wire import dumps
 
@@ -50,14 +53,6 @@ _STEP = 0.02
 #: How long a sentinel may have fired before the exit code can be read (the process is still
 #: finishing its exit); after that the code is reported as unknown.
 _SETTLE_LIMIT = 1.0
-#: A queue lock that no live process would hold this long (the state lock; the write lock while
-#: the stream is at an item boundary), seen taken in _STREAK_ROUNDS rounds in a row spanning at
-#: least _ORPHAN_SECONDS, belongs to a dead producer and is given back.
-_STREAK_ROUNDS = 10
-_ORPHAN_SECONDS = 0.2
-#: Read and write locks taken and nothing in the pipe, round after round for this long: a reader
-#: is stuck in the middle of an item whose writer died.
-_STUCK_SECONDS = 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,6 +430,7 @@ async def open_process(
     daemon: bool | None = None,
     wait_timeout: float | None = None,
     terminate_timeout: float = 5.0,
+    close_connections: bool = True,
 ) -> AsyncIterator[Process]:
     """Run ``target(*args, **kwargs)`` in a new :class:`Process` for the duration of the block.
 
@@ -446,20 +442,43 @@ async def open_process(
     does not exit within ``terminate_timeout``) and the block's exception propagates. Either way
     the process object is closed at the end, its ``exitcode`` still readable.
 
+    If the block raises while the process had already failed on its own, the failure is not lost:
+    it is added as a note to the block's exception (``__notes__``; shown in its traceback), so
+    nested blocks report every failed process.
+
+    Every :class:`aioipc.Connection` among ``args`` and the values of ``kwargs`` is closed in this
+    process once the child has started (``close_connections=False`` keeps them open): the child
+    has its own copy, and the other end sees EOF only once every copy of this one is closed. Under
+    fork the child also inherits this process's other descriptors, the ends it does not use among
+    them; it must close those itself (see :class:`aioipc.Connection`).
+
     To turn the death of a producer into an error rather than a hang, link it to the queue it
     feeds: ``queue.link(process)``.
 
     **Cancellation**: cancelling the block, or the wait at its end, terminates and then kills the
     process (shielded) before the cancellation propagates.
     """
+    # An end this process closed already (an earlier open_process closed it, say) still reaches
+    # the child, closed: a child given ends only to close them does not care which ones remain.
+    # (Under fork the arguments are not pickled: the closed objects themselves get there.)
+    if (ctx or mp_context._default_context).get_start_method() != "fork":
+        args = tuple(_closed_as_stand_in(arg) for arg in args)
+        if kwargs is not None:
+            kwargs = {key: _closed_as_stand_in(value) for key, value in kwargs.items()}
     process = Process(target=target, args=args, kwargs=kwargs, name=name, daemon=daemon, ctx=ctx)
     process.start()
     pid = process.pid
+    if close_connections:
+        for arg in (*args, *(kwargs or {}).values()):
+            if isinstance(arg, Connection):
+                arg.close()
     try:
         yield process
-    except BaseException:
-        await process.stop(0, terminate_timeout=terminate_timeout)
+    except BaseException as exc:
+        code = await process.stop(0, terminate_timeout=terminate_timeout)
         process.close()
+        if code != 0 and process._forced is None and not isinstance(exc, _cancelled()):
+            _add_note(exc, f"while the block raised, {describe_exit(process.name, pid, code)}")
         raise
     code = await process.stop(wait_timeout, terminate_timeout=terminate_timeout)
     process.close()
@@ -468,6 +487,52 @@ async def open_process(
         if process._forced is not None:
             message += f" ({process._forced}: it had not exited {wait_timeout} s after the block)"
         raise ProcessFailed(message, code)
+
+
+class _ClosedEnd:
+    """Pickles a closed :class:`aioipc.Connection` into a closed one in the child."""
+
+    def __reduce__(self) -> tuple[Callable[[], Connection[Any, Any]], tuple[()]]:
+        return _closed_connection, ()
+
+
+def _closed_connection() -> Connection[Any, Any]:
+    end: Connection[Any, Any] = Connection.__new__(Connection)
+    end._closed = True  # all a closed end needs: close() is a no-op, everything else raises
+    end._owner_pid = -1
+    return end
+
+
+def _closed_as_stand_in(value: Any) -> Any:
+    """``value``, with the closed connections in it (itself, or items of a list or tuple)
+    replaced by stand-ins that pickle."""
+    if isinstance(value, Connection):
+        return _ClosedEnd() if value.closed else value
+    if type(value) in (list, tuple) and any(
+        isinstance(item, Connection) and item.closed for item in value
+    ):
+        return type(value)(_closed_as_stand_in(item) for item in value)
+    return value
+
+
+def _cancelled() -> type[BaseException]:
+    try:
+        return anyio.get_cancelled_exc_class()
+    except Exception:  # no async library running (cannot happen in a coroutine)
+        return type(None)  # type: ignore[return-value]
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``, also on Python 3.10 (where tracebacks show ``__notes__`` once the
+    exceptiongroup backport is imported, as anyio does)."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:
+        notes = getattr(exc, "__notes__", None)
+        if notes is None:
+            notes = []
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        notes.append(note)
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,14 +553,9 @@ class _QueueLink:
         self._lock = threading.Lock()
         self._running = 0
         self._exits: list[str] = []
+        self._failed: list[str] = []
         self._checking = False
         self._ended = False
-        self._reset_probe()
-
-    def _reset_probe(self) -> None:
-        self._state_held = _Streak(_ORPHAN_SECONDS)
-        self._write_held = _Streak(_ORPHAN_SECONDS)  # with the stream at an item boundary
-        self._stuck = _Streak(_STUCK_SECONDS)
 
     def add(self, process: BaseProcess) -> None:
         with self._lock:
@@ -506,10 +566,11 @@ class _QueueLink:
         with self._lock:
             self._running -= 1
             self._exits.append(describe_exit(watch.name, watch.pid, code))
+            if code != 0:
+                self._failed.append(describe_exit(watch.name, watch.pid, code))
             if self._checking:
                 return
             self._checking = True
-            self._reset_probe()
         _watcher.add_job(self._step)
 
     def _step(self) -> bool:
@@ -528,6 +589,8 @@ class _QueueLink:
         with self._lock:
             last = self._running == 0
             exits = "; ".join(self._exits)
+            failed = list(self._failed)
+            total = len(self._exits)
         if verdict == "cut":
             self._ended = True
             queue._reader.end(
@@ -538,8 +601,15 @@ class _QueueLink:
             )
         elif last and not channel.is_shutdown:  # after a shutdown, getters end with ShutDown
             self._ended = True
-            error = BrokenResourceError(f"every producer linked to the queue has exited: {exits}")
-            channel._feed_raw(bytes(dumps(EndMarker(error))))
+            end: BaseException
+            if failed:
+                end = BrokenResourceError(
+                    f"{len(failed)} of the {total} producers linked to the queue failed: "
+                    + "; ".join(failed)
+                )
+            else:  # every producer finished its work: the stream ends as after shutdown()
+                end = ShutDown()
+            channel._feed_raw(bytes(dumps(EndMarker(end))))
         return self._done()
 
     def _done(self) -> bool:
@@ -553,27 +623,6 @@ class _QueueLink:
         item. Decided by process state (the queue records who holds its locks), never by how
         long a lock was held: a slow or stopped producer keeps its lock."""
         return "ok" if channel.recover() else "cut"
-
-
-class _Streak:
-    """Consecutive rounds in which a condition was seen, and since when."""
-
-    __slots__ = ("_rounds", "_seconds", "_since")
-
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._rounds = 0
-        self._since = 0.0
-
-    def seen(self, now: float) -> bool:
-        """Count one more round; True once the streak is long enough to trust."""
-        if self._rounds == 0:
-            self._since = now
-        self._rounds += 1
-        return self._rounds >= _STREAK_ROUNDS and now - self._since >= self._seconds
-
-    def reset(self) -> None:
-        self._rounds = 0
 
 
 _links: weakref.WeakKeyDictionary[Queue[Any], _QueueLink] = weakref.WeakKeyDictionary()
