@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 import aioipc
-from aioipc import _connection
+from aioipc import _connection, _wire
 
 pytestmark = pytest.mark.anyio
 
@@ -31,7 +31,7 @@ def make_pipe(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """Pipes whose ends receive on each path: the loop's readiness (the default on Linux), the
     reader thread alone (as on other systems), or readiness without RWF_NOWAIT (older kernels)."""
     if request.param == "no-rwf-nowait":
-        monkeypatch.setattr(_connection, "_nowait_reads", False)
+        monkeypatch.setattr(_wire, "_nowait_reads", False)
         monkeypatch.setattr(_connection, "_nowait_writes", False)
 
     def make(
@@ -574,3 +574,12 @@ def test_pipe_takes_any_multiprocessing_context() -> None:
         a, b = aioipc.Pipe(ctx=multiprocessing.get_context(method))
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("size", [10, 1 << 20], ids=["small", "large"])
+async def test_a_send_to_a_closed_peer_raises_broken_resource_error(size: int) -> None:
+    here, there = aioipc.Pipe()
+    there.close()
+    with pytest.raises(aioipc.BrokenResourceError, match="other end of the connection is gone"):
+        await here.send_bytes(b"x" * size)
+    here.close()

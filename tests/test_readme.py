@@ -4,8 +4,6 @@ A block is a complete program unless the line before it says otherwise:
 
 - ``<!-- fragment -->``: not a program (a signature, a few lines out of context); it must still
   compile, ``await`` and ``async with`` at top level allowed.
-- ``<!-- requires: NAME -->``: a program that needs ``aioipc.NAME``; it runs where the package has
-  that name, and is only compiled where it has not (yet).
 
 A program runs in a fresh interpreter with warnings as errors, must exit with code 0 and write
 nothing to stderr. When a ``text`` block marked ``<!-- output -->`` follows it, that is what it
@@ -22,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
-import aioipc
 
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -49,10 +45,6 @@ class Block:
     @property
     def fragment(self) -> bool:
         return "fragment" in self.markers
-
-    @property
-    def requires(self) -> list[str]:
-        return [m.split(":", 1)[1].strip() for m in self.markers if m.startswith("requires:")]
 
 
 def _fences(lines: list[str]) -> list[tuple[int, int, str, str]]:
@@ -115,7 +107,7 @@ def test_the_readme_and_the_pages_have_programs() -> None:
 def test_every_marker_is_known() -> None:
     for block in ALL:
         for marker in block.markers:
-            assert marker == "fragment" or marker.startswith("requires:"), (block.id, marker)
+            assert marker == "fragment", (block.id, marker)
 
 
 @pytest.mark.parametrize("block", FRAGMENTS, ids=[b.id for b in FRAGMENTS])
@@ -128,10 +120,6 @@ def test_a_fragment_compiles(block: Block) -> None:
 def test_a_program_runs(block: Block, tmp_path: Path) -> None:
     compile(block.code, block.id, "exec")
     assert 'if __name__ == "__main__":' in block.code, "a program guards its entry point"
-    missing = [name for name in block.requires if not hasattr(aioipc, name)]
-    if missing:
-        # Written for an API still to come (see the marker): it compiles, and runs once it lands.
-        return
     script = tmp_path / "example.py"
     script.write_text(block.code)
     result = subprocess.run(

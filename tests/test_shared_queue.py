@@ -450,3 +450,24 @@ def test_the_blocking_face_reports_a_system_exit_from_unpickling_at_its_get() ->
         assert queue.sync.get(timeout=5) == 3
     finally:
         queue.close()
+
+
+# -- arguments --
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"prefetch": 1.5}, TypeError),
+        ({"prefetch": "x"}, TypeError),
+        ({"prefetch": -1}, ValueError),
+        ({"maxsize": 2**31}, ValueError),
+        ({"maxsize": "3"}, TypeError),
+        ({"ctx": "spawn"}, TypeError),
+    ],
+)
+def test_a_bad_argument_is_refused_at_the_constructor(
+    kwargs: dict[str, Any], error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=next(iter(kwargs))):
+        aioipc.Queue(**kwargs)

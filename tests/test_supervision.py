@@ -187,9 +187,6 @@ async def test_mixed_exits_name_every_failed_producer_and_only_them() -> None:
     q.close()
 
 
-@pytest.mark.xfail(
-    strict=False, reason="Queue.get() awaits the reader inside `except IndexError` (_queue.py)"
-)
 async def test_no_internal_exception_is_chained_into_the_error() -> None:
     q: aioipc.Queue[int] = aioipc.Queue(ctx=FORK)
 

@@ -2,6 +2,7 @@
 
 from ._connection import Connection as Connection
 from ._connection import ConnectionStatistics as ConnectionStatistics
+from ._connection import InsecureListenerWarning as InsecureListenerWarning
 from ._connection import Listener as Listener
 from ._connection import ListenerStatistics as ListenerStatistics
 from ._connection import Pipe as Pipe
@@ -33,6 +34,7 @@ __all__ = [
     "ConnectionStatistics",
     "Empty",
     "Full",
+    "InsecureListenerWarning",
     "JoinableQueue",
     "Listener",
     "ListenerStatistics",

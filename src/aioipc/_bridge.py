@@ -505,11 +505,15 @@ class Reader(_Hub, Generic[T]):
         *,
         name: str,
         prefetch: int,
+        read_ahead: bool = False,
         max_batch: int = 256,
         max_batch_bytes: int = 1024 * 1024,
     ) -> None:
         self._source = source
         self._prefetch = prefetch
+        #: Keep ``prefetch`` items ready even while nobody waits (a listener accepting ahead);
+        #: otherwise the thread reads only while coroutines wait (a shared queue).
+        self._read_ahead = read_ahead
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
         super().__init__(name)
@@ -641,7 +645,7 @@ class Reader(_Hub, Generic[T]):
                 loops = self._loops_to_wake()
             else:
                 self._discard(waiter)
-                if self._n_waiting == 0 and self._wake_w >= 0:
+                if self._n_waiting == 0 and not self._read_ahead and self._wake_w >= 0:
                     # Nobody wants an item any more: stop the thread's wait, so that it takes none.
                     os.write(self._wake_w, b"x")
                 return
@@ -695,6 +699,8 @@ class Reader(_Hub, Generic[T]):
         for queue in self._loops.values():
             if queue.live:
                 wanted += max(queue.peek_want(), 1) + queue.live - 1
+        if self._read_ahead:
+            return max(wanted, self._prefetch) - len(self.buffer)
         if wanted == 0:
             return 0
         return wanted + self._prefetch - len(self.buffer)

@@ -36,7 +36,6 @@ import os
 import select
 import socket
 import stat
-import struct
 import threading
 import time
 import warnings
@@ -52,21 +51,19 @@ from typing import Any, Generic, TypeVar
 import anyio
 
 from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer, _Waiter, current_loop
-from ._exceptions import ClosedResourceError
+from ._exceptions import BrokenResourceError, ClosedResourceError
 from ._mpqueue import POLL_SLICE
-from ._wire import available, dumps
+from ._wire import HEADER, LONG_HEADER, PIPE_BUF, READ_CHUNK, Wire, dumps, write_frame
 
 SendT = TypeVar("SendT")
 RecvT = TypeVar("RecvT")
 
 
-_HEADER = struct.Struct("!i")
-_LONG_HEADER = struct.Struct("!Q")
+_HEADER = HEADER
+_LONG_HEADER = LONG_HEADER
 
 #: Frames up to this size (header included) may be written on the event loop's thread.
-INLINE_SEND_MAX = select.PIPE_BUF
-#: The most bytes one read takes from the fd, on the loop or in the reader thread.
-READ_CHUNK = 256 * 1024
+INLINE_SEND_MAX = PIPE_BUF
 #: Messages up to this size are assembled on the loop; larger ones by the reader thread.
 LOOP_MESSAGE_MAX = 256 * 1024
 
@@ -74,10 +71,9 @@ _HAVE_READINESS = hasattr(select, "epoll") and hasattr(os, "eventfd")
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 #: Whether reads and writes may pass RWF_NOWAIT (Linux 4.14+ for the flag; pipes and sockets take
 #: it on recent kernels). Turned off at the first refusal.
-_nowait_reads = _nowait_writes = bool(_RWF_NOWAIT)
+_nowait_writes = bool(_RWF_NOWAIT)
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)
 _EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0)
-_ENDED = select.POLLHUP | select.POLLERR | select.POLLNVAL | _POLLRDHUP
 
 #: A handshake must finish within this many seconds (the whole of it, from the accept).
 HANDSHAKE_TIMEOUT = 10.0
@@ -90,149 +86,10 @@ MAX_HANDSHAKES = 128
 # --------------------------------------------------------------------------------------------
 
 
-def _read_nowait(fd: int, buffers: list[memoryview]) -> int:
-    """Read what is there without waiting, leaving the fd blocking; ``BlockingIOError`` if nothing
-    is (bytes or the end of the stream)."""
-    global _nowait_reads
-    if _nowait_reads:
-        try:
-            return os.preadv(fd, buffers, -1, _RWF_NOWAIT)
-        except BlockingIOError:
-            raise
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            _nowait_reads = False  # an older kernel: ask FIONREAD and poll first
-    if available(fd) == 0:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | _POLLRDHUP)
-        if not any(events & _ENDED for _, events in poller.poll(0)):
-            raise BlockingIOError(errno.EAGAIN, "nothing to read")
-    return os.readv(fd, buffers)
-
-
-#: Each thread's read buffer: frames are copied out of it before the reading call returns.
-_scratch = threading.local()
-
-
-class _Wire:
-    """What this process has read from one connection end: whole frames not handed out yet, and the
-    message being read (its chunks, joined once it is whole).
-
-    One side uses it at a time: the event loop, or the reader thread while it owns it
-    (``thread_owned``) to finish a large message. The thread reads a message's body into chunks of
-    its own, never past the message, and joins them without holding the GIL (``bytes.join`` drops
-    it for large results): a large message costs the loop no copy and no allocation.
-    """
-
-    __slots__ = ("_chunks", "_got", "_head", "_size", "end", "fd", "frames", "thread_owned")
-
-    def __init__(self, fd: int, *, thread_owned: bool) -> None:
-        self.fd = fd
-        self.frames: deque[bytes] = deque()
-        self.end: BaseException | None = None
-        self.thread_owned = thread_owned
-        self._head = b""  # the start of a header that did not arrive whole
-        self._size = -1  # the size of the message being read; -1: none
-        self._chunks: list[bytes] = []  # what has arrived of it
-        self._got = 0
-
-    @property
-    def message_size(self) -> int:
-        """The size of the message being read; 0 if none has started (or its header is partial)."""
-        return max(self._size, 0)
-
-    @property
-    def in_message(self) -> bool:
-        """True while part of a message has been read."""
-        return self._size >= 0 or bool(self._head)
-
-    def ingest(self, limit: int, *, wait: bool) -> bool:
-        """Read once, at most ``limit`` bytes.
-
-        Without ``wait`` it never blocks and returns False if nothing was there. With ``wait`` (the
-        reader thread) the caller has seen the fd readable, so the read returns at once.
-        """
-        fd = self.fd
-        try:
-            if wait and self._size >= 0:
-                chunk = os.read(fd, min(limit, self._size - self._got))
-                if chunk:
-                    self._add(chunk)
-                    return True
-            else:
-                try:
-                    scratch: memoryview = _scratch.view
-                except AttributeError:
-                    scratch = _scratch.view = memoryview(bytearray(READ_CHUNK))
-                h = len(self._head)
-                if h:
-                    scratch[:h] = self._head
-                buffers = [scratch[h : h + limit]]
-                n = os.readv(fd, buffers) if wait else _read_nowait(fd, buffers)
-                if n:
-                    self._feed(scratch, h + n)
-                    return True
-        except BlockingIOError:
-            return False
-        except (ConnectionResetError, BrokenPipeError) as exc:
-            self._ended(EOFError(f"the peer is gone ({exc.strerror})"))
-            return True
-        if self.in_message:
-            self._ended(EOFError("the peer closed the connection in the middle of a message"))
-        else:
-            self._ended(EOFError())
-        return True
-
-    def _ended(self, exc: BaseException) -> None:
-        self.end = exc
-        self._head, self._size, self._chunks = b"", -1, []
-
-    def _add(self, chunk: bytes) -> None:
-        """Add a piece of the message being read; hand the message out once it is whole."""
-        if chunk:
-            self._chunks.append(chunk)
-            self._got += len(chunk)
-        if self._got == self._size:
-            chunks = self._chunks
-            self.frames.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-            self._size, self._chunks, self._got = -1, [], 0
-
-    def _feed(self, view: memoryview, end: int) -> None:
-        """Take in the bytes ``view[:end]``, just read (after the start of a partial header)."""
-        self._head = b""
-        pos = 0
-        if self._size >= 0:
-            pos = min(end, self._size - self._got)
-            self._add(bytes(view[:pos]))
-            if self._size >= 0:
-                return
-        frames = self.frames
-        while end - pos >= 4:
-            (size,) = _HEADER.unpack_from(view, pos)
-            start = pos + 4
-            if size == -1:
-                if end - pos < 12:
-                    break
-                (size,) = _LONG_HEADER.unpack_from(view, start)
-                start += 8
-            elif size < 0:
-                self._ended(OSError(f"bad message length {size}: not a connection's stream"))
-                return
-            if end - start >= size:
-                frames.append(bytes(view[start : start + size]))
-                pos = start + size
-            else:
-                self._size, self._chunks, self._got = size, [], 0
-                self._add(bytes(view[start:end]))
-                return
-        self._head = bytes(view[pos:end])
-
-
 class _WireSource:
     """The reader thread's view of a connection end (a :class:`aioipc._bridge.Source`)."""
 
-    def __init__(self, wire: _Wire, *, hand_back: bool) -> None:
+    def __init__(self, wire: Wire, *, hand_back: bool) -> None:
         self._wire = wire
         self._hand_back = hand_back
         #: Frames returned to the reader so far (counted before they reach its buffer).
@@ -392,7 +249,7 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
     def _reset_local(self) -> None:
         """Per-process state, rebuilt in a forked child: what this process read, its threads."""
         self._lock = threading.Lock()
-        self._wire = _Wire(self._fd, thread_owned=not self._readiness)
+        self._wire = Wire(self._fd, thread_owned=not self._readiness)
         self._source = _WireSource(self._wire, hand_back=self._readiness)
         self._reader: Reader[bytes] = Reader(self._source, name="connection", prefetch=0)
         self._writer = Writer("connection")
@@ -486,8 +343,9 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
         """Send a picklable object to the other end.
 
         ``obj`` is pickled here: an object that cannot be pickled raises ``TypeError`` (naming its
-        type) at this call, and the connection stays usable. Raises ``BrokenPipeError`` if the
-        other end is gone, :class:`aioipc.ClosedResourceError` after ``close()``, also when
+        type) at this call, and the connection stays usable. Raises
+        :class:`aioipc.BrokenResourceError` if the other end is gone (every copy closed, or its
+        process died), :class:`aioipc.ClosedResourceError` after ``close()``, also when
         ``close()`` comes while it waits for room (the message was not sent). It never blocks the
         event loop, however large the message and however full the pipe.
 
@@ -499,9 +357,7 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
             self._check_writable()
         if self._checkpoints.due():  # before sending: a send cancelled here was not sent
             await self._checkpoints.checkpoint()
-        data = dumps(obj)
-        if not self._send_now(data):
-            await self._send_queued(data, owned=True)
+        await self._send(dumps(obj), owned=True)
 
     async def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send bytes from a bytes-like object: ``size`` bytes (default: all) from ``offset``.
@@ -531,9 +387,18 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
             raise ValueError("buffer length < offset + size")
         if self._checkpoints.due():
             await self._checkpoints.checkpoint()
-        data = view[offset : offset + size]
-        if not self._send_now(data):
-            await self._send_queued(data, owned=isinstance(buf, bytes))
+        await self._send(view[offset : offset + size], owned=isinstance(buf, bytes))
+
+    async def _send(self, data: memoryview, *, owned: bool) -> None:
+        """Send now if that cannot block, else through the writer thread; the other end gone is
+        :class:`aioipc.BrokenResourceError`, whichever way the send went."""
+        try:
+            if not self._send_now(data):
+                await self._send_queued(data, owned=owned)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise BrokenResourceError(
+                f"the other end of the connection is gone ({exc.strerror})"
+            ) from None
 
     async def _send_queued(self, data: memoryview, *, owned: bool) -> None:
         """Send through the writer thread, after the sends queued before."""
@@ -566,7 +431,7 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
                     _nowait_writes = False  # an older kernel: poll for room first
                 else:
                     if written < len(header) + len(data):  # not on Linux, which writes all or none
-                        _write_frame(fd, [header, data], written)
+                        write_frame(fd, [header, data], written)
                     return True
             if not self._out_poller.poll(0):
                 return False
@@ -590,7 +455,7 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
                 raise self._not_sent()
             fd = os.dup(self._fd)  # close() may close ours while this frame is being written
         try:
-            _write_frame(fd, [header, payload])
+            write_frame(fd, [header, payload])
         finally:
             os.close(fd)
 
@@ -842,18 +707,6 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
             buffered=len(self._wire.frames) + reader["buffered"],
             threads=reader["threads"] + writer["threads"],
         )
-
-
-def _write_frame(fd: int, chunks: list[bytes | memoryview], skip: int = 0) -> None:
-    """Write a whole frame (after its first ``skip`` bytes, already written) to a blocking fd."""
-    while chunks:
-        while chunks and skip >= len(chunks[0]):
-            skip -= len(chunks[0])
-            chunks.pop(0)
-        if skip:
-            chunks[0] = memoryview(chunks[0])[skip:]
-        if chunks:
-            skip = os.writev(fd, chunks)
 
 
 def _small_writes_are_atomic(fd: int) -> bool:
@@ -1559,7 +1412,7 @@ class Listener(AsyncResource):
         sock.setblocking(False)  # ours alone: accepting never waits in accept()
         self._source = _AcceptSource(sock, authkey, timeout, max_handshakes, self._address)
         self._reader: Reader[mpc.Connection] = Reader(
-            self._source, name="listener", prefetch=ACCEPT_AHEAD
+            self._source, name="listener", prefetch=ACCEPT_AHEAD, read_ahead=True
         )
         self._closed = False
 

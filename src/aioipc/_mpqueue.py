@@ -62,7 +62,9 @@ _COUNT, _SHUTDOWN, _UNFINISHED = 0, 1, 2
 _RHOLDER, _RMID, _WHOLDER, _WMID = 3, 4, 5, 6
 # The pid of a process that died in the middle of an item, and on which side (_READING/_WRITING).
 _BROKEN, _BROKEN_SIDE = 7, 8
-_STATE_SLOTS = 9
+# Who holds the state lock (it is never held in the middle of an item).
+_SHOLDER = 9
+_STATE_SLOTS = 10
 _READING, _WRITING = 1, 2
 _OPEN, _SHUT_GRACEFUL, _SHUT_IMMEDIATE = 0, 1, 2
 
@@ -156,8 +158,8 @@ def _alive(pid: int) -> bool:
 
 
 class _Owned:
-    """One of a queue's cross-process locks (read or write), with its holder's pid recorded in the
-    shared state block, and whether the holder is in the middle of an item.
+    """One of a queue's cross-process locks (read, write or state), with its holder's pid recorded
+    in the shared state block, and whether the holder is in the middle of an item.
 
     A process that waits for the lock and finds the holder dead takes its place if the holder
     died between two items (the stream is whole), or declares the stream cut if it died in the
@@ -166,11 +168,11 @@ class _Owned:
     keeps its lock.
     """
 
-    __slots__ = ("_holder", "_lock", "_mid", "_pid", "_side", "_slock", "_state")
+    __slots__ = ("_holder", "_lock", "_mid", "_pid", "_side", "_state", "_xlock")
 
-    def __init__(self, lock: Any, slock: Any, state: Any, holder: int, mid: int, side: int) -> None:
+    def __init__(self, lock: Any, xlock: Any, state: Any, holder: int, mid: int, side: int) -> None:
         self._lock = lock
-        self._slock = slock
+        self._xlock = xlock
         self._state = state
         self._holder = holder
         self._mid = mid
@@ -205,15 +207,21 @@ class _Owned:
         pid = int(state[self._holder])
         if pid in (0, self._pid) or _alive(pid):
             return False
-        with self._slock:
+        with self._xlock:  # one process takes the dead one's place
             if state[self._holder] != pid:  # another process took its place first
                 return False
-            if state[self._mid]:
+            if self._mid >= 0 and state[self._mid]:
                 state[_BROKEN_SIDE] = self._side
                 state[_BROKEN] = pid
                 raise broken_error(pid, self._side)
             state[self._holder] = self._pid
             return True
+
+    def __enter__(self) -> None:
+        self.acquire(None)
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
     def begin_item(self) -> None:
         """The holder starts reading or writing an item."""
@@ -225,7 +233,8 @@ class _Owned:
 
     def release(self) -> None:
         state = self._state
-        state[self._mid] = 0
+        if self._mid >= 0:
+            state[self._mid] = 0
         state[self._holder] = 0
         self._lock.release()
 
@@ -297,8 +306,7 @@ class _Feeder:
             try:
                 self._w.acquire(None)
                 try:
-                    self._w.begin_item()
-                    write_all(self._fd, (part for data in batch for part in frame(data)))
+                    self._write(batch)
                 finally:
                     self._w.release()
             except (OSError, BrokenResourceError) as exc:
@@ -310,6 +318,30 @@ class _Feeder:
                     self._closing = True
             finally:
                 self._inflight = 0
+
+    def _write(self, batch: list[memoryview | bytes]) -> None:
+        """Write a batch of pickles as frames (write lock held). Small frames go in groups of at
+        most PIPE_BUF bytes, each written whole or not at all, so the stream is at an item
+        boundary whatever happens to this process; only a larger frame is "in an item" (a
+        process killed while writing one cuts the stream)."""
+        fd, w = self._fd, self._w
+        group: list[bytes | memoryview] = []
+        size = 0
+        for data in batch:
+            n = len(data) + HEADER.size
+            if size + n > PIPE_BUF and group:
+                _write_whole(fd, b"".join(group))
+                group.clear()
+                size = 0
+            if n <= PIPE_BUF:
+                group += frame(data)
+                size += n
+            else:
+                w.begin_item()
+                write_all(fd, frame(data))
+                w.end_item()
+        if group:
+            _write_whole(fd, b"".join(group))
 
     @property
     def idle(self) -> bool:
@@ -379,6 +411,8 @@ class SyncQueue(Generic[T]):
         self._rlock = ctx.Lock()
         self._wlock = ctx.Lock()
         self._slock = ctx.Lock()
+        #: Taken only to replace a dead holder of one of the three locks above.
+        self._xlock = ctx.Lock()
         self._sem = ctx.BoundedSemaphore(maxsize) if maxsize > 0 else None
         self._state = ctx.RawArray("q", _STATE_SLOTS)
         self._joinable = joinable
@@ -397,21 +431,23 @@ class SyncQueue(Generic[T]):
         #: Where a header is read (by the holder of the read lock only).
         self._head = bytearray(HEADER.size)
         #: The read and write locks as this process uses them (recording their holder).
-        self._r = _Owned(self._rlock, self._slock, self._state, _RHOLDER, _RMID, _READING)
-        self._w = _Owned(self._wlock, self._slock, self._state, _WHOLDER, _WMID, _WRITING)
+        self._r = _Owned(self._rlock, self._xlock, self._state, _RHOLDER, _RMID, _READING)
+        self._w = _Owned(self._wlock, self._xlock, self._state, _WHOLDER, _WMID, _WRITING)
+        #: The state lock guards a few counters: never held in the middle of an item.
+        self._s = _Owned(self._slock, self._xlock, self._state, _SHOLDER, -1, 0)
         _live_queues.add(self)
 
     def __getstate__(self) -> tuple[Any, ...]:
         context.assert_spawning(self)
         return (
             self._maxsize, self._reader, self._writer, self._rlock, self._wlock, self._slock,
-            self._sem, self._state, self._joinable,
+            self._xlock, self._sem, self._state, self._joinable,
         )  # fmt: skip
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         (
             self._maxsize, self._reader, self._writer, self._rlock, self._wlock, self._slock,
-            self._sem, self._state, self._joinable,
+            self._xlock, self._sem, self._state, self._joinable,
         ) = state  # fmt: skip
         self._closed = False
         self._reset_local()
@@ -471,7 +507,7 @@ class SyncQueue(Generic[T]):
 
     def feed(self, data: memoryview | bytes) -> None:
         """Count a pickled item (whose slot is taken) as queued and hand it to the feeder."""
-        with self._slock:
+        with self._s:
             if self._state[_SHUTDOWN] or self._state[_BROKEN]:
                 if self._sem is not None:
                     self._sem.release()
@@ -602,7 +638,7 @@ class SyncQueue(Generic[T]):
         if type(item) is EndMarker:
             self._feed_raw(bytes(data))  # for the next process
             return item
-        with self._slock:
+        with self._s:
             self._state[_COUNT] -= 1
         return item
 
@@ -712,7 +748,7 @@ class SyncQueue(Generic[T]):
                 else:
                     items.append(item)
         if items:
-            with self._slock:
+            with self._s:
                 self._state[_COUNT] -= len(items)
         if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
             self.discard_taken(len(items))
@@ -728,13 +764,13 @@ class SyncQueue(Generic[T]):
             return
         self.release_room(n)
         if self._joinable:
-            with self._slock:
+            with self._s:
                 self._state[_UNFINISHED] -= n
 
     def giveback(self, items: list[T]) -> None:
         """Put items taken by this process back into the queue (at its end)."""
         for item in items:
-            with self._slock:
+            with self._s:
                 self._state[_COUNT] += 1
             self._feed_raw(dumps(item))
 
@@ -775,7 +811,7 @@ class SyncQueue(Generic[T]):
         counted as done, as with :meth:`task_done`) and every waiter wakes at once. Calling it
         again is harmless (and can upgrade to immediate).
         """
-        with self._slock:
+        with self._s:
             previous = self._state[_SHUTDOWN]
             self._state[_SHUTDOWN] = _SHUT_IMMEDIATE if immediate else max(previous, _SHUT_GRACEFUL)
         if immediate:
@@ -808,7 +844,7 @@ class SyncQueue(Generic[T]):
     def _uncount(self, n: int) -> None:
         """``n`` queued items were discarded: not queued any more, and done."""
         if n:
-            with self._slock:
+            with self._s:
                 self._state[_COUNT] -= n
             self.discard_taken(n)
 
@@ -828,7 +864,7 @@ class SyncQueue(Generic[T]):
     def recover(self) -> bool:
         """Give back the read and write locks of processes that died holding them between two
         items; False if one died in the middle of an item (the stream is cut)."""
-        for owned in (self._r, self._w):
+        for owned in (self._s, self._r, self._w):
             try:
                 if owned.inherit():
                     owned.release()
@@ -850,7 +886,7 @@ class SyncQueue(Generic[T]):
         """Tell the queue that an item taken earlier has been processed (joinable queues only)."""
         if not self._joinable:
             raise ValueError("task_done() needs a JoinableQueue")
-        with self._slock:
+        with self._s:
             if self._state[_UNFINISHED] <= 0:
                 raise ValueError("task_done() called more times than there were items")
             self._state[_UNFINISHED] -= 1
@@ -909,6 +945,20 @@ class SyncQueue(Generic[T]):
         self._join_feeder_at_exit = False
         if self._feeder is not None:
             self._feeder.join_at_exit = False
+
+
+def _write_whole(fd: int, buf: bytes) -> None:
+    """Write at most PIPE_BUF bytes to the non-blocking pipe in one piece, waiting for room."""
+    poller: select.poll | None = None
+    while True:
+        try:
+            os.write(fd, buf)
+            return
+        except BlockingIOError:  # all or nothing: wait until the pipe has room for it
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+            poller.poll()
 
 
 def _is_mark(data: Frame) -> bool:

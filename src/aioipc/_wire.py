@@ -4,7 +4,13 @@ Both carry the frames of :class:`multiprocessing.connection.Connection`: a 4-byt
 length (or -1 and an 8-byte length), then the payload, a pickle made by
 :class:`~multiprocessing.reduction.ForkingPickler`. This module holds everything about those
 frames that does not depend on who reads them: pickling in the caller, frame headers, writes that
-never leave a frame cut, reads that cannot wait, and how many bytes are waiting in a pipe.
+never leave a frame cut, reads that cannot wait, how many bytes are waiting in a pipe, and
+:class:`Wire`, the one incremental parser of a stream of frames.
+
+The two readers differ in one way only. A connection end has one reader, so it may read ahead:
+:class:`Wire` takes what has arrived and keeps a partial frame for later. A queue's pipe is shared
+by every consumer process, so a queue reads exactly one frame at a time, header then body, never a
+byte of the next one (``SyncQueue.take_frame``).
 
 Waiting for room or for data uses ``poll()``, never ``select()``: a process may hold more than
 1,024 file descriptors.
@@ -22,6 +28,7 @@ import struct
 import sys
 import termios
 import threading
+from collections import deque
 from collections.abc import Iterable
 from multiprocessing.reduction import ForkingPickler
 
@@ -33,6 +40,8 @@ Frame = bytes | bytearray | memoryview
 #: A write of at most this many bytes to a pipe is whole or nothing (POSIX ``PIPE_BUF``; 512 is the
 #: smallest value POSIX allows, for platforms that do not say).
 PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
+#: The most bytes one read of a connection takes from the fd, on the loop or in the reader thread.
+READ_CHUNK = 256 * 1024
 #: A chunk this large is written as it is; smaller ones are joined into few ``write`` calls.
 JOIN_MAX = 16 * 1024
 #: Small chunks are joined into writes of at most this many bytes.
@@ -209,6 +218,124 @@ def read_available(fd: int, buf: bytearray | memoryview) -> int:
             _nowait_reads = False  # an older kernel: ask FIONREAD first
     n = min(available(fd), len(buf))
     return os.readv(fd, [memoryview(buf)[:n]]) if n > 0 else 0
+
+
+#: Each thread's read buffer: frames are copied out of it before the reading call returns.
+_scratch = threading.local()
+
+
+class Wire:
+    """What this process has read from one connection end: whole frames not handed out yet, and the
+    message being read (its chunks, joined once it is whole).
+
+    One side uses it at a time: the event loop, or the reader thread while it owns it
+    (``thread_owned``) to finish a large message. The thread reads a message's body into chunks of
+    its own, never past the message, and joins them without holding the GIL (``bytes.join`` drops
+    it for large results): a large message costs the loop no copy and no allocation.
+    """
+
+    __slots__ = ("_chunks", "_got", "_head", "_size", "end", "fd", "frames", "thread_owned")
+
+    def __init__(self, fd: int, *, thread_owned: bool) -> None:
+        self.fd = fd
+        self.frames: deque[bytes] = deque()
+        self.end: BaseException | None = None
+        self.thread_owned = thread_owned
+        self._head = b""  # the start of a header that did not arrive whole
+        self._size = -1  # the size of the message being read; -1: none
+        self._chunks: list[bytes] = []  # what has arrived of it
+        self._got = 0
+
+    @property
+    def message_size(self) -> int:
+        """The size of the message being read; 0 if none has started (or its header is partial)."""
+        return max(self._size, 0)
+
+    @property
+    def in_message(self) -> bool:
+        """True while part of a message has been read."""
+        return self._size >= 0 or bool(self._head)
+
+    def ingest(self, limit: int, *, wait: bool) -> bool:
+        """Read once, at most ``limit`` bytes.
+
+        Without ``wait`` it never blocks and returns False if nothing was there. With ``wait`` (the
+        reader thread) the caller has seen the fd readable, so the read returns at once.
+        """
+        fd = self.fd
+        try:
+            if wait and self._size >= 0:
+                chunk = os.read(fd, min(limit, self._size - self._got))
+                if chunk:
+                    self._add(chunk)
+                    return True
+            else:
+                try:
+                    scratch: memoryview = _scratch.view
+                except AttributeError:
+                    scratch = _scratch.view = memoryview(bytearray(READ_CHUNK))
+                h = len(self._head)
+                if h:
+                    scratch[:h] = self._head
+                buffers = [scratch[h : h + limit]]
+                n = os.readv(fd, buffers) if wait else read_nowait(fd, buffers)
+                if n:
+                    self._feed(scratch, h + n)
+                    return True
+        except BlockingIOError:
+            return False
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            self._ended(EOFError(f"the peer is gone ({exc.strerror})"))
+            return True
+        if self.in_message:
+            self._ended(EOFError("the peer closed the connection in the middle of a message"))
+        else:
+            self._ended(EOFError())
+        return True
+
+    def _ended(self, exc: BaseException) -> None:
+        self.end = exc
+        self._head, self._size, self._chunks = b"", -1, []
+
+    def _add(self, chunk: bytes) -> None:
+        """Add a piece of the message being read; hand the message out once it is whole."""
+        if chunk:
+            self._chunks.append(chunk)
+            self._got += len(chunk)
+        if self._got == self._size:
+            chunks = self._chunks
+            self.frames.append(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            self._size, self._chunks, self._got = -1, [], 0
+
+    def _feed(self, view: memoryview, end: int) -> None:
+        """Take in the bytes ``view[:end]``, just read (after the start of a partial header)."""
+        self._head = b""
+        pos = 0
+        if self._size >= 0:
+            pos = min(end, self._size - self._got)
+            self._add(bytes(view[:pos]))
+            if self._size >= 0:
+                return
+        frames = self.frames
+        while end - pos >= 4:
+            (size,) = HEADER.unpack_from(view, pos)
+            start = pos + 4
+            if size == -1:
+                if end - pos < 12:
+                    break
+                (size,) = LONG_HEADER.unpack_from(view, start)
+                start += 8
+            elif size < 0:
+                self._ended(OSError(f"bad message length {size}: not a connection's stream"))
+                return
+            if end - start >= size:
+                frames.append(bytes(view[start : start + size]))
+                pos = start + size
+            else:
+                self._size, self._chunks, self._got = size, [], 0
+                self._add(bytes(view[start:end]))
+                return
+        self._head = bytes(view[pos:end])
 
 
 def read_exact(fd: int, n: int) -> bytes:
