@@ -414,3 +414,30 @@ async def test_a_killed_consumer_does_not_stop_the_others(ctx: Any) -> None:
     victim.close()
     q.close()
     echo.close()
+
+
+def take_n_blocking(q: aioipc.Queue[int], n: int, report: aioipc.Queue[Any]) -> None:
+    report.sync.put([q.sync.get(timeout=30) for _ in range(n)])
+
+
+async def test_a_writer_killed_holding_the_write_lock_is_replaced_while_a_blocking_consumer_waits(
+    ctx: Any,
+) -> None:
+    # No link: the queue records who holds its locks, and the next writer finds the holder dead.
+    # A consumer waiting in the blocking get() holds no lock meanwhile, so nothing looks "cut".
+    q: aioipc.Queue[int] = aioipc.Queue(ctx=ctx)
+    report: aioipc.Queue[Any] = aioipc.Queue(ctx=ctx)
+    holding = ctx.Event()
+    holder = aioipc.Process(target=hold_the_write_lock, args=(q, holding), ctx=ctx)
+    holder.start()
+    await wait_until_set(holding)
+    async with aioipc.open_process(take_n_blocking, q, 20, report, ctx=ctx):
+        holder.kill()
+        assert await holder.wait() == -signal.SIGKILL
+        for i in range(20):
+            await q.put(i)
+        with anyio.fail_after(30):
+            assert await report.get() == list(range(20))
+    holder.close()
+    q.close()
+    report.close()
