@@ -308,7 +308,7 @@ async def test_cancelled_receives_lose_nothing_and_keep_the_order(make_pipe: Pip
                 got.append(await b.recv_bytes())
             timeouts += scope.cancelled_caught
     assert got == payloads
-    assert timeouts > 10  # the test did cancel receives
+    assert timeouts > 0  # the test did cancel receives (nearly every run cancels dozens)
 
 
 async def test_a_receive_cancelled_in_the_middle_of_a_large_message_leaves_it_whole(
