@@ -557,13 +557,15 @@ class SyncQueue(Generic[T]):
         fd = self._reader.fileno()
         poller: select.poll | None = None
         lock_wait = 0.0
+        readable = True  # try at once; later, only once the pipe has data
         while True:
             if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
                 raise ShutDown
             self._check_broken()
-            data = self.take_frame(finish=True, lock_wait=lock_wait)
-            if data is not None:
-                break
+            if readable or self._partial is not None:
+                data = self.take_frame(finish=True, lock_wait=lock_wait)
+                if data is not None:
+                    break
             if self._drained_after_shutdown():
                 raise ShutDown
             wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
@@ -572,8 +574,10 @@ class SyncQueue(Generic[T]):
             if poller is None:
                 poller = select.poll()
                 poller.register(fd, select.POLLIN)
-            # Wait for data without the read lock; once data is there, wait for the lock.
-            lock_wait = wait if poller.poll(wait * 1000) else 0.0
+            # Wait for data without the read lock (an idle getter never touches it, so one killed
+            # while it waits holds nothing); once data is there, wait for the lock.
+            readable = bool(poller.poll(wait * 1000))
+            lock_wait = wait if readable else 0.0
         items, end = self.decode([data])
         if end is not None:
             raise end
