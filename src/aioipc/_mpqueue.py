@@ -563,7 +563,7 @@ class SyncQueue(Generic[T]):
                 raise ShutDown
             self._check_broken()
             if readable or self._partial is not None:
-                data = self.take_frame(finish=True, lock_wait=lock_wait)
+                data = self.take_frame(finish=True, lock_wait=lock_wait, counted=not lock_wait)
                 if data is not None:
                     break
             if self._drained_after_shutdown():
@@ -590,17 +590,25 @@ class SyncQueue(Generic[T]):
         """Remove and return an item if one is there; else raise :class:`aioipc.Empty`."""
         return self.get(block=False)
 
-    def take_frame(self, *, finish: bool, lock_wait: float = 0.0) -> Frame | None:
+    def take_frame(
+        self, *, finish: bool, lock_wait: float = 0.0, counted: bool = False
+    ) -> Frame | None:
         """Take one frame that has arrived, without waiting for data; None if there is none, or
         another reader holds the read lock (for longer than ``lock_wait`` seconds).
 
         Two reads that cannot wait (``RWF_NOWAIT``), header then body: never more than one
         frame. A frame that has only partly arrived is finished here if ``finish`` (a blocking
         caller); otherwise this process keeps the read lock and the frame for :meth:`read`, and
-        None is returned: :attr:`has_partial` tells.
+        None is returned: :attr:`has_partial` tells. With ``counted``, it does not look at all
+        while the shared count says no item is queued (markers are not counted: a caller that
+        waits for readability reads them).
         """
         if self._partial is not None:
             return self._finish_partial() if finish else None
+        if counted and self._state[_COUNT] <= 0:
+            # No item put and not taken: do not touch the read lock just to look (a process
+            # killed while it holds the lock to look would leave the stream in doubt).
+            return None
         r = self._r
         if not (r.acquire(lock_wait) if lock_wait else r.try_acquire()):
             return None
@@ -632,7 +640,7 @@ class SyncQueue(Generic[T]):
         """An item that has arrived, taken without waiting (see :meth:`take_frame`), or
         :data:`NOTHING`. The shutdown marker and supervision's end come back as an
         :class:`EndMarker`. The item's slot of a bounded queue stays taken."""
-        data = self.take_frame(finish=False)
+        data = self.take_frame(finish=False, counted=True)
         if data is None:
             return NOTHING
         if len(data) == _MARK_LEN and data == _MARK:
