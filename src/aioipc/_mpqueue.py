@@ -643,15 +643,21 @@ class SyncQueue(Generic[T]):
         data = self.take_frame(finish=False, counted=True)
         if data is None:
             return NOTHING
+        item = self._unframe(data)
+        if type(item) is not EndMarker:
+            with self._s:
+                self._state[_COUNT] -= 1
+        return item
+
+    def _unframe(self, data: Frame) -> Any:
+        """Unpickle one frame. The shutdown marker and supervision's end are passed on to the
+        next process and come back as an :class:`EndMarker`."""
         if len(data) == _MARK_LEN and data == _MARK:
-            self._feed_raw(_MARK)  # for the next process
+            self._feed_raw(_MARK)
             return EndMarker(ShutDown())
         item = loads(data)
         if type(item) is EndMarker:
-            self._feed_raw(bytes(data))  # for the next process
-            return item
-        with self._s:
-            self._state[_COUNT] -= 1
+            self._feed_raw(bytes(data))
         return item
 
     @property
@@ -747,18 +753,12 @@ class SyncQueue(Generic[T]):
         """
         end: BaseException | None = None
         items = []
-        mark_len = len(_MARK)
         for data in frames:
-            if len(data) == mark_len and data == _MARK:
-                end = ShutDown()
-                self._feed_raw(_MARK)  # for the next process
+            item = self._unframe(data)
+            if type(item) is EndMarker:
+                end = item.error
             else:
-                item = loads(data)
-                if type(item) is EndMarker:
-                    end = item.error
-                    self._feed_raw(bytes(data))  # for the next process
-                else:
-                    items.append(item)
+                items.append(item)
         if items:
             with self._s:
                 self._state[_COUNT] -= len(items)

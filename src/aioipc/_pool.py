@@ -212,7 +212,7 @@ def _serve(
 
 
 class _Job:
-    __slots__ = ("abandoned", "done", "error", "id", "payload", "result", "sent")
+    __slots__ = ("abandoned", "done", "error", "id", "payload", "result")
 
     def __init__(self, job_id: int, payload: bytes) -> None:
         self.id = job_id
@@ -221,7 +221,6 @@ class _Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.abandoned = False
-        self.sent = False
 
 
 class _Worker:
@@ -242,7 +241,7 @@ class _Worker:
         self.given = 0
         self.alive = True
         self.sending = False
-        self.backlog: tuple[bytes, list[_Job]] | None = None
+        self.backlog: bytes | None = None
         self._out = select.poll()
         self._out.register(conn.fileno(), select.POLLOUT)
 
@@ -449,11 +448,9 @@ class Pool:
                 worker.conn.sync.send_bytes(data)
             except OSError:
                 return  # it died: its receiver sees the end of the pipe; the jobs were not sent
-            for job in jobs:
-                job.sent = True
         else:
             worker.sending = True
-            worker.backlog = (data, jobs)
+            worker.backlog = data
             worker.wake.set()
 
     async def _send(self, worker: _Worker) -> None:
@@ -461,15 +458,13 @@ class Pool:
         while True:
             await worker.wake.wait()
             worker.wake = anyio.Event()
-            if worker.backlog is None:
+            data = worker.backlog
+            if data is None:
                 continue
-            data, jobs = worker.backlog
             try:
                 await worker.conn.send_bytes(data)
             except (OSError, anyio.ClosedResourceError):
                 return  # it died: its receiver sees the end of the pipe; the jobs were not sent
-            for job in jobs:
-                job.sent = True
             worker.backlog = None
             worker.sending = False
             self._flush(worker)
@@ -574,7 +569,6 @@ class Pool:
             return
         for job in reversed(unsent):
             if not job.abandoned:
-                job.sent = False
                 self._pending.appendleft(job)
         if self._state in ("open", "closing") and self._broken is None:
             self._start_worker(worker.slot)
