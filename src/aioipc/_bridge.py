@@ -28,7 +28,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from multiprocessing import util
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 from ._exceptions import ClosedResourceError
 
@@ -61,6 +61,18 @@ class _Waiter:
         self.error: BaseException | None = None
         self.dead = False
         self.token: Any = None
+
+    def raise_error(self) -> NoReturn:
+        """Raise ``error`` and let go of it, so that no reference cycle (frame, exception,
+        traceback, frame) keeps this waiter's channel, and its semaphores, alive until the cycle
+        collector runs (on Python 3.13 a semaphore finalised by the collector inside the resource
+        tracker's own call is reported as leaked)."""
+        error, self.error = self.error, None
+        assert error is not None
+        try:
+            raise error
+        finally:
+            del error
 
 
 class LoopHandle:
@@ -615,7 +627,7 @@ class Reader(_Hub, Generic[T]):
             self._abandon(waiter)
             raise
         if waiter.error is not None:
-            raise waiter.error
+            waiter.raise_error()
         assert waiter.items is not None
         return waiter.items
 
@@ -714,7 +726,9 @@ class Reader(_Hub, Generic[T]):
             try:
                 items, end = source.read(want, self._max_batch_bytes, wake_r)
             except BaseException as exc:  # the channel broke: report it to the waiters
-                items, end = [], exc
+                # (raised as copies, which carry no traceback: keeping this one's would make a
+                # cycle through this frame, and keep the channel alive until the collector runs)
+                items, end = [], exc.with_traceback(None)
             if not items and end is None:
                 self._reading = False
                 _drain(wake_r)
@@ -905,7 +919,7 @@ class Writer(_Hub):
                 undo(waiter.items[0])
             raise
         if waiter.error is not None:
-            raise waiter.error
+            waiter.raise_error()
         assert waiter.items is not None
         return waiter.items[0]  # type: ignore[no-any-return]
 
@@ -948,6 +962,7 @@ class Writer(_Hub):
                     if job.committed and job.undo is not None and error is None:
                         job.undo(result)
             self._request_delivery(loops)
+            del job, result, error  # an error's traceback holds this frame: no cycle while idle
 
     def _deliver(self, loop: LoopHandle) -> None:
         with self._lock:

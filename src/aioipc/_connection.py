@@ -996,7 +996,11 @@ class _Handshake:
                     n = os.write(self.fd, self._out)
                     self._out = self._out[n:]
                 elif self._error is not None:
-                    raise self._error
+                    error, self._error = self._error, None
+                    try:
+                        raise error
+                    finally:
+                        del error  # no cycle: this frame, the exception, its traceback
                 elif self.done:
                     return True
                 else:

@@ -25,7 +25,7 @@ import weakref
 from multiprocessing import context, util
 from multiprocessing.connection import Pipe
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from ._exceptions import BrokenResourceError, Empty, Full, ShutDown
 from ._wire import (
@@ -96,7 +96,16 @@ class UnpicklingFailed:
     __slots__ = ("error",)
 
     def __init__(self, error: BaseException) -> None:
-        self.error = error
+        self.error: BaseException | None = error
+
+    def raise_error(self) -> NoReturn:
+        """Raise the error once and let go of it (no cycle through the raising frame's locals)."""
+        error, self.error = self.error, None
+        assert error is not None
+        try:
+            raise error
+        finally:
+            del error
 
 
 class EndMarker:
@@ -580,10 +589,13 @@ class SyncQueue(Generic[T]):
             lock_wait = wait if readable else 0.0
         items, end = self.decode([data])
         if end is not None:
-            raise end
+            try:
+                raise end
+            finally:
+                del end  # no cycle: this frame, the exception, its traceback
         item = items[0]
         if isinstance(item, UnpicklingFailed):
-            raise item.error
+            item.raise_error()
         return item
 
     def get_nowait(self) -> T:

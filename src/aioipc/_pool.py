@@ -658,7 +658,10 @@ class Pool:
             raise
         if job.error is not None:
             error, job.error = job.error, None
-            raise error
+            try:
+                raise error
+            finally:
+                del error  # no cycle: this frame, the exception, its traceback
         return job.result
 
     async def run(self, fn: Callable[..., R], /, *args: Any, **kwargs: Any) -> R:

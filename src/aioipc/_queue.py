@@ -403,7 +403,7 @@ class Queue(AsyncResource, Generic[T]):
             raise ShutDown
         self._channel.release_room(len(items))
         if type(items[-1]) is UnpicklingFailed:
-            raise cast(UnpicklingFailed, items[-1]).error
+            cast(UnpicklingFailed, items.pop()).raise_error()
         return items
 
     def get_nowait(self) -> T:
@@ -426,7 +426,7 @@ class Queue(AsyncResource, Generic[T]):
                 items, end = self._channel._unmark(taken)  # type: ignore[union-attr]
                 if end is not None:
                     self._reader.end(end)
-                    raise end from None
+                    raise copy.copy(end) from None  # the reader keeps the original, untouched
                 item = items[0]
             else:
                 item = self._take_shared(owe=True) if self._reader.idle else NOTHING
@@ -473,7 +473,7 @@ class Queue(AsyncResource, Generic[T]):
         if self._bounded:
             channel.release_room()
         if type(item) is UnpicklingFailed:
-            raise cast(UnpicklingFailed, item).error
+            cast(UnpicklingFailed, item).raise_error()
         return item
 
     def _discard_local(self, taken: int) -> None:
