@@ -583,3 +583,29 @@ async def test_a_send_to_a_closed_peer_raises_broken_resource_error(size: int) -
     with pytest.raises(aioipc.BrokenResourceError, match="other end of the connection is gone"):
         await here.send_bytes(b"x" * size)
     here.close()
+
+
+async def test_receiving_on_a_second_event_loop_while_the_first_receives_raises_busy() -> None:
+    # The loop's readiness path (the default on Linux) watches the fd for one loop at a time.
+    a, b = aioipc.Pipe()
+    refused: list[str] = []
+
+    async def receive_on_another_loop() -> None:
+        try:
+            await b.recv()
+        except aioipc.BusyResourceError as exc:
+            refused.append(str(exc))
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(b.recv)
+                while b.statistics().waiting_receivers == 0:
+                    await anyio.sleep(0.005)
+                await anyio.to_thread.run_sync(anyio.run, receive_on_another_loop)
+                await a.send("for the first receiver")
+    finally:
+        a.close()
+        b.close()
+    assert len(refused) == 1
+    assert "another thread's event loop" in refused[0]

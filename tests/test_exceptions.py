@@ -18,6 +18,7 @@ ALL_EXCEPTIONS = [
     aioipc.ShutDown,
     aioipc.ClosedResourceError,
     aioipc.BrokenResourceError,
+    aioipc.BusyResourceError,
 ]
 
 
@@ -59,3 +60,9 @@ def test_closed_and_broken_are_the_anyio_errors_of_the_same_name() -> None:
     assert issubclass(aioipc.ClosedResourceError, anyio.ClosedResourceError)
     assert issubclass(aioipc.BrokenResourceError, anyio.BrokenResourceError)
     assert not issubclass(aioipc.ClosedResourceError, aioipc.BrokenResourceError)
+
+
+def test_busy_is_the_anyio_error_of_the_same_name_and_keeps_its_message() -> None:
+    assert issubclass(aioipc.BusyResourceError, anyio.BusyResourceError)
+    exc = aioipc.BusyResourceError("this end is being received from on another loop")
+    assert str(pickle.loads(pickle.dumps(exc))) == "this end is being received from on another loop"

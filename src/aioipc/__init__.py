@@ -9,6 +9,7 @@ from ._connection import Pipe as Pipe
 from ._connection import connect as connect
 from ._connection import listen as listen
 from ._exceptions import BrokenResourceError as BrokenResourceError
+from ._exceptions import BusyResourceError as BusyResourceError
 from ._exceptions import ClosedResourceError as ClosedResourceError
 from ._exceptions import Empty as Empty
 from ._exceptions import Full as Full
@@ -29,6 +30,7 @@ from ._queue import QueueStatistics as QueueStatistics
 
 __all__ = [
     "BrokenResourceError",
+    "BusyResourceError",
     "ClosedResourceError",
     "Connection",
     "ConnectionStatistics",

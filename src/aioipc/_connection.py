@@ -48,10 +48,8 @@ from multiprocessing.context import BaseContext
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, TypeVar
 
-import anyio
-
 from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer, _Waiter, current_loop
-from ._exceptions import BrokenResourceError, ClosedResourceError
+from ._exceptions import BrokenResourceError, BusyResourceError, ClosedResourceError
 from ._mpqueue import POLL_SLICE
 from ._wire import HEADER, LONG_HEADER, PIPE_BUF, READ_CHUNK, Wire, dumps, write_frame
 
@@ -127,7 +125,7 @@ class _Turns:
 
     They all wait on one event loop at a time (the fd's readiness can be awaited by one task
     only); a receiver on another thread's loop while the turns are taken gets
-    ``anyio.BusyResourceError``.
+    :class:`aioipc.BusyResourceError`.
     """
 
     __slots__ = ("_thread", "_waiters", "busy")
@@ -143,7 +141,10 @@ class _Turns:
             self._thread = threading.get_ident()
             return
         if threading.get_ident() != self._thread:
-            raise anyio.BusyResourceError("receiving from (on another thread's event loop)")
+            raise BusyResourceError(
+                "this connection end is being received from on another thread's event loop: "
+                "one end is received from on one event loop at a time"
+            )
         loop = current_loop()
         waiter = _Waiter(loop, 1)
         self._waiters.append(waiter)

@@ -15,6 +15,7 @@ import anyio
 
 __all__ = [
     "BrokenResourceError",
+    "BusyResourceError",
     "ClosedResourceError",
     "Empty",
     "Full",
@@ -69,6 +70,18 @@ class BrokenResourceError(anyio.BrokenResourceError):
 
     It is an :class:`anyio.BrokenResourceError`.
     """
+
+
+class BusyResourceError(anyio.BusyResourceError):
+    """Raised when a coroutine receives from a connection end while coroutines of another thread's
+    event loop are receiving from it: one end is read on one event loop at a time (several tasks
+    of that loop take turns). Sending has no such limit.
+
+    It is an :class:`anyio.BusyResourceError`; its message is kept as given.
+    """
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
 
 
 class ProcessFailed(Exception):
@@ -156,6 +169,7 @@ for _cls in (
     ShutDown,
     ClosedResourceError,
     BrokenResourceError,
+    BusyResourceError,
     ProcessFailed,
     WorkerDied,
     RemoteTraceback,
