@@ -48,10 +48,12 @@ from multiprocessing.context import BaseContext
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, TypeVar
 
-from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer, _Waiter, current_loop
+from . import _fork
+from ._bridge import Job, Reader, Writer
 from ._exceptions import BrokenResourceError, BusyResourceError, ClosedResourceError
-from ._mpqueue import POLL_SLICE
-from ._wire import HEADER, LONG_HEADER, PIPE_BUF, READ_CHUNK, Wire, dumps, write_frame
+from ._loops import Checkpointer, FdWatch, Waiter, current_loop
+from ._resource import AsyncResource
+from ._wire import HEADER, LONG_HEADER, PIPE_BUF, POLL_SLICE, READ_CHUNK, Wire, dumps, write_frame
 
 SendT = TypeVar("SendT")
 RecvT = TypeVar("RecvT")
@@ -133,7 +135,7 @@ class _Turns:
     def __init__(self) -> None:
         self.busy = False
         self._thread = 0
-        self._waiters: deque[_Waiter] = deque()
+        self._waiters: deque[Waiter] = deque()
 
     async def acquire(self) -> None:
         if not self.busy:
@@ -146,7 +148,7 @@ class _Turns:
                 "one end is received from on one event loop at a time"
             )
         loop = current_loop()
-        waiter = _Waiter(loop, 1)
+        waiter = Waiter(loop, 1)
         self._waiters.append(waiter)
         try:
             await loop.park(waiter, self._abort)
@@ -158,7 +160,7 @@ class _Turns:
             raise
 
     @staticmethod
-    def _abort(waiter: _Waiter) -> None:
+    def _abort(waiter: Waiter) -> None:
         waiter.dead = True
 
     def release(self) -> None:
@@ -195,13 +197,13 @@ class ConnectionStatistics:
 _live_connections: weakref.WeakSet[Connection[Any, Any]] = weakref.WeakSet()
 
 
-def _reset_connections_after_fork() -> None:
+def _after_fork_in_child() -> None:
     for connection in list(_live_connections):
         if not connection._closed:
             connection._after_fork()
 
 
-os.register_at_fork(after_in_child=_reset_connections_after_fork)
+_fork.register(_after_fork_in_child)
 
 
 class Connection(AsyncResource, Generic[SendT, RecvT]):
@@ -266,8 +268,7 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
         self._epoll: Any = None
         self._closing_fd = -1
         self._waiting = False
-        self._watch_loop: asyncio.AbstractEventLoop | None = None
-        self._watch_future: asyncio.Future[None] | None = None
+        self._watch: FdWatch | None = None
         _live_connections.add(self)
 
     def _after_fork(self) -> None:
@@ -302,10 +303,6 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
             if on
         )
         return f"<aioipc.Connection fd={self._fd}{mode} at {id(self):#x}>"
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True) and self._owner_pid == os.getpid():
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
 
     # -- properties --
 
@@ -590,70 +587,45 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
     async def _wait_readable(self) -> None:
         """Wait until the connection's fd is readable, or this end is closed.
 
-        The loop watches the private epoll fd. On asyncio the watch stays registered between
-        waits (saving two system calls per wait); a callback that finds nobody waiting on its loop
-        removes it, so data arriving between waits costs one wake-up at most.
+        The loop watches the private epoll fd (:class:`FdWatch`: on asyncio the watch stays
+        registered between waits; when the fd becomes readable while nobody waits on that loop,
+        :meth:`_on_idle_readable` removes it, so data arriving between waits costs one wake-up at
+        most).
         """
         with self._lock:
             self._check_open()
-            if self._epoll is None:
+            if self._watch is None:
                 self._epoll = select.epoll()
                 self._closing_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 self._epoll.register(self._fd, select.EPOLLIN | _EPOLLRDHUP)
                 self._epoll.register(self._closing_fd, select.EPOLLIN)
+                self._watch = FdWatch(self._epoll.fileno(), self._on_idle_readable)
             self._waiting = True
-            epfd = self._epoll.fileno()
-        loop: asyncio.AbstractEventLoop | None = None
+            watch = self._watch
         try:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                import trio
-
-                await trio.lowlevel.wait_readable(epfd)
-            else:
-                if self._watch_loop is not loop:
-                    loop.add_reader(epfd, self._on_readable, loop)
-                    self._watch_loop = loop
-                self._watch_future = future = loop.create_future()
-                try:
-                    await future
-                finally:
-                    self._watch_future = None
+            await watch.wait()
         finally:
             with self._lock:
                 self._waiting = False
                 if self._closed:
                     self._close_epoll()
 
-    def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On ``loop``'s thread: the watched fd is readable (or this end was closed)."""
-        future = self._watch_future
-        if future is not None and future.get_loop() is loop:
-            if not future.done():
-                future.set_result(None)
-            return
-        with self._lock:  # nobody waits on this loop: stop watching, or the loop would spin
-            loop.remove_reader(self._epoll.fileno())
-            if self._watch_loop is loop:
-                self._watch_loop = None
+    def _on_idle_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``'s thread: the watched fd is readable (or this end was closed) and nobody
+        waits on this loop: stop watching, or the loop would spin."""
+        with self._lock:
+            if self._watch is not None:
+                self._watch.stop(loop)
             if self._closed:
                 self._close_epoll()
 
     def _close_epoll(self) -> None:
         """Close the epoll fd of a closed end once no loop watches it (lock held)."""
-        if self._epoll is None or self._waiting:
+        if self._watch is None or self._waiting:
             return
-        watcher = self._watch_loop
-        if watcher is not None and not watcher.is_closed():
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is not watcher and watcher.is_running():
-                return  # the closing eventfd wakes the watch there, which closes it
-            watcher.remove_reader(self._epoll.fileno())
-        self._watch_loop = None
+        if not self._watch.release():
+            return  # the closing eventfd wakes the watch there, which closes it
+        self._watch = None
         self._epoll.close()
         os.close(self._closing_fd)
         self._epoll = None

@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._bridge import LoopHandle, current_loop
+from . import _fork
 from ._connection import Connection
 from ._exceptions import BrokenResourceError, ProcessFailed, ShutDown
+from ._loops import LoopHandle, current_loop, wait_readable
 from ._mpqueue import EndMarker, SyncQueue
 from ._wire import dumps
 
@@ -362,17 +363,14 @@ class Process(BaseProcess):
             await _wait_in_watcher(self)
             return
         self._loops_on_sentinel.add(loop)
-        blocking = os.get_blocking(fd)
         try:
-            await anyio.wait_readable(fd)
+            # (it keeps the fd blocking: multiprocessing expects the fork server's status pipe to
+            # block, and uvloop leaves a watched fd non-blocking)
+            await wait_readable(fd)
         except anyio.BusyResourceError:  # someone else's task of this loop waits on it
             await _wait_in_watcher(self)
         finally:
             self._loops_on_sentinel.discard(loop)
-            if blocking and not os.get_blocking(fd):
-                # uvloop leaves a watched descriptor non-blocking; multiprocessing expects the
-                # fork server's status pipe to block.
-                os.set_blocking(fd, True)
 
     async def stop(
         self, wait_timeout: float | None = None, *, terminate_timeout: float = 5.0
@@ -655,5 +653,4 @@ def _after_fork_in_child() -> None:
     _links_lock = threading.Lock()
 
 
-if sys.platform != "win32":
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork.register(_after_fork_in_child)

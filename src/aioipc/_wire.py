@@ -37,6 +37,11 @@ LONG_HEADER = struct.Struct("!Q")
 #: A frame's body as read from the wire.
 Frame = bytes | bytearray | memoryview
 
+#: How long a blocked call sleeps at most before it looks at the shared shutdown flag again
+#: (so that waiters in every process see ``shutdown()`` within about this long), and the slice
+#: in which a thread waiting for room or data checks whether its caller gave up.
+POLL_SLICE = 0.05
+
 #: A write of at most this many bytes to a pipe is whole or nothing (POSIX ``PIPE_BUF``; 512 is the
 #: smallest value POSIX allows, for platforms that do not say).
 PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
