@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from multiprocessing import context
 from multiprocessing.context import BaseContext
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _fork
 from ._bridge import Job, Reader, Writer
@@ -49,6 +49,11 @@ from ._exceptions import BrokenResourceError, BusyResourceError, ClosedResourceE
 from ._loops import Checkpointer, FdWatch, Waiter, current_loop
 from ._resource import AsyncResource
 from ._wire import HEADER, LONG_HEADER, PIPE_BUF, POLL_SLICE, READ_CHUNK, Wire, dumps, write_frame
+
+if TYPE_CHECKING:
+    # Any object that exports a buffer (bytes, bytearray, memoryview, array.array, NumPy arrays),
+    # as multiprocessing's own send_bytes takes; collections.abc.Buffer from Python 3.12 on.
+    from _typeshed import ReadableBuffer
 
 SendT = TypeVar("SendT")
 RecvT = TypeVar("RecvT")
@@ -344,7 +349,9 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
             await self._checkpoints.checkpoint()
         await self._send(dumps(obj), owned=True)
 
-    async def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
+    async def send_bytes(
+        self, buf: ReadableBuffer, offset: int = 0, size: int | None = None
+    ) -> None:
         """Send bytes from a bytes-like object: ``size`` bytes (default: all) from ``offset``.
 
         The other end receives them with :meth:`recv_bytes` (or multiprocessing's

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
-from typing import Any
+from typing import Any, NoReturn
 
 from ._bridge import Job, Reader, Writer
 from ._connection import Connection
@@ -43,6 +43,10 @@ __all__ = [
 ]
 
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)
+
+#: Where a listener listens and a client connects: ``(host, port)`` for TCP, a path (or, on
+#: Linux, a name in the abstract namespace, starting with a NUL) for a Unix socket.
+Address = str | tuple[str, int]
 
 #: A handshake must finish within this many seconds (the whole of it, from the accept).
 HANDSHAKE_TIMEOUT = 10.0
@@ -120,7 +124,7 @@ def _check_count(name: str, value: object, minimum: int) -> int:
     return value
 
 
-def _needs_authkey(address: Any, family: str | None) -> bool:
+def _needs_authkey(address: Address | None, family: str | None) -> bool:
     """True unless the address is a Unix socket in the file system (guarded by its permissions)."""
     family = family or mpc.address_type(address)  # type: ignore[attr-defined]
     if family != "AF_UNIX":
@@ -128,7 +132,9 @@ def _needs_authkey(address: Any, family: str | None) -> bool:
     return bool(isinstance(address, (str, bytes)) and address[:1] in ("\0", b"\0"))
 
 
-def _check_authkey(address: Any, family: str | None, authkey: object, insecure: object) -> None:
+def _check_authkey(
+    address: Address | None, family: str | None, authkey: object, insecure: object
+) -> None:
     if authkey is not None and not isinstance(authkey, bytes):
         raise TypeError(f"authkey must be bytes, not {type(authkey).__name__}")
     if authkey == b"":
@@ -146,7 +152,7 @@ def _check_authkey(address: Any, family: str | None, authkey: object, insecure: 
         )
 
 
-def _beyond_loopback(address: Any) -> bool:
+def _beyond_loopback(address: Address) -> bool:
     """True if a bound address is reachable from other hosts: an IP address that is not loopback
     (``0.0.0.0`` included)."""
     if not isinstance(address, tuple):
@@ -349,7 +355,7 @@ class _Handshake:
 
 
 async def connect(
-    address: Any,
+    address: Address,
     *,
     authkey: bytes | None = None,
     family: str | None = None,
@@ -386,7 +392,7 @@ async def connect(
 
 def _connect_blocking(
     job: Job[mpc.Connection],
-    address: Any,
+    address: Address,
     family: str | None,
     authkey: bytes | None,
     timeout: float,
@@ -404,7 +410,7 @@ def _connect_blocking(
 
 
 def _client_handshake(
-    job: Job[mpc.Connection], fd: int, address: Any, authkey: bytes, timeout: float
+    job: Job[mpc.Connection], fd: int, address: Address, authkey: bytes, timeout: float
 ) -> None:
     """The client's side of the challenge, within one deadline."""
     deadline = time.monotonic() + timeout
@@ -470,7 +476,7 @@ class _AcceptSource:
         authkey: bytes | None,
         timeout: float,
         max_handshakes: int,
-        address: Any,
+        address: Address,
     ) -> None:
         self._sock = sock
         self._listen_fd = sock.fileno()
@@ -677,7 +683,7 @@ class Listener(AsyncResource):
 
     def __init__(
         self,
-        address: Any = None,
+        address: Address | None = None,
         *,
         authkey: bytes | None = None,
         family: str | None = None,
@@ -720,11 +726,11 @@ class Listener(AsyncResource):
         state = "closed" if self._closed else f"address={self.address!r}"
         return f"<aioipc.Listener {state} at {id(self):#x}>"
 
-    def __getstate__(self) -> Any:
+    def __getstate__(self) -> NoReturn:
         raise TypeError("a Listener cannot be passed to another process; listen there instead")
 
     @property
-    def address(self) -> Any:
+    def address(self) -> Any:  # Any, not Address: the caller knows which family it listens on
         """The address peers connect to (with the port chosen by the system if 0 was given).
 
         It stays readable after :meth:`close`, with the address the listener had.
@@ -780,7 +786,7 @@ class Listener(AsyncResource):
 
 
 def listen(
-    address: Any = None,
+    address: Address | None = None,
     *,
     authkey: bytes | None = None,
     family: str | None = None,

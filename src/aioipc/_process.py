@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from multiprocessing import context as mp_context
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
@@ -280,10 +280,11 @@ class Process(BaseProcess):
         kwargs: Mapping[str, Any] | None = None,
         *,
         daemon: bool | None = None,
-        ctx: Any = None,
+        ctx: mp_context.BaseContext | None = None,
     ) -> None:
         super().__init__(group, target, name, args, kwargs or {}, daemon=daemon)
-        self._kind: Any = mp_context.Process if ctx is None else ctx.Process
+        # (every concrete context has a Process class; the base class's stub does not say so)
+        self._kind: Any = mp_context.Process if ctx is None else cast(Any, ctx).Process
         self._start_method: str | None = self._kind._start_method
         self._final_exitcode: int | None = None
         self._forced: str | None = None
@@ -422,7 +423,7 @@ async def _wait_in_watcher(process: BaseProcess) -> None:
 async def open_process(
     target: Callable[..., object],
     *args: Any,
-    ctx: Any = None,
+    ctx: mp_context.BaseContext | None = None,
     name: str | None = None,
     kwargs: Mapping[str, Any] | None = None,
     daemon: bool | None = None,
