@@ -692,6 +692,14 @@ def _small_writes_are_atomic(fd: int) -> bool:
         sock.detach()
 
 
+def closed_end() -> Connection[Any, Any]:
+    """A connection end that is closed already: what a closed end passed to a child becomes
+    there (:func:`aioipc.open_process`). ``close()`` is a no-op, everything else raises."""
+    end: Connection[Any, Any] = Connection.__new__(Connection)
+    end._closed = True
+    return end
+
+
 def Pipe(
     duplex: bool = True, *, ctx: BaseContext | None = None
 ) -> tuple[Connection[Any, Any], Connection[Any, Any]]:
@@ -718,4 +726,4 @@ def Pipe(
     return Connection(a), Connection(b)
 
 
-__all__ = ["Connection", "ConnectionStatistics", "Pipe"]
+__all__ = ["Connection", "ConnectionStatistics", "Pipe", "closed_end"]

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 
 from . import _fork
-from ._connection import Connection
+from ._connection import Connection, closed_end
 from ._exceptions import BrokenResourceError, ProcessFailed, ShutDown
 from ._loops import LoopHandle, current_loop, wait_readable
 from ._mpqueue import EndMarker, SyncQueue
@@ -492,14 +492,7 @@ class _ClosedEnd:
     """Pickles a closed :class:`aioipc.Connection` into a closed one in the child."""
 
     def __reduce__(self) -> tuple[Callable[[], Connection[Any, Any]], tuple[()]]:
-        return _closed_connection, ()
-
-
-def _closed_connection() -> Connection[Any, Any]:
-    end: Connection[Any, Any] = Connection.__new__(Connection)
-    end._closed = True  # all a closed end needs: close() is a no-op, everything else raises
-    end._owner_pid = -1
-    return end
+        return closed_end, ()
 
 
 def _closed_as_stand_in(value: Any) -> Any:
