@@ -97,6 +97,8 @@ def _read_exitcode(process: BaseProcess, pid: int) -> int | None:
     code: int | None = getattr(popen, "returncode", None)
     if code is not None or popen is None or getattr(popen, "method", None) == "forkserver":
         return code
+    if not hasattr(os, "waitid"):  # macOS: the code is known once the owner has collected it
+        return None
     try:
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:  # reaped by the owner: its returncode is set in a moment

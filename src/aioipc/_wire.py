@@ -20,17 +20,24 @@ from __future__ import annotations
 
 import copyreg
 import errno
-import fcntl
 import io
 import os
 import select
 import struct
 import sys
-import termios
 import threading
 from collections import deque
 from collections.abc import Iterable
 from multiprocessing.reduction import ForkingPickler
+
+try:
+    import fcntl
+    import termios
+except ImportError:  # not a POSIX system: say so at import, not at the first get
+    raise ImportError(
+        "aioipc needs a POSIX system (Linux is the tested platform); it does not run on "
+        f"{sys.platform}"
+    ) from None
 
 HEADER = struct.Struct("!i")
 LONG_HEADER = struct.Struct("!Q")
