@@ -33,6 +33,24 @@ from ._loops import LoopHandle, Waiter, current_loop
 T = TypeVar("T")
 R = TypeVar("R")
 
+#: A waiter FIFO is rebuilt without its abandoned waiters once more than this many (and more than
+#: the live ones) pile up: abandoned waiters are skipped lazily, and a rebuild per cancellation
+#: would cost O(n) each (no test pins the value; tests/test_cancellation.py's random timeouts
+#: abandon many waiters).
+COMPACT_DEAD_WAITERS = 64
+#: The most items a reader thread hands over in one batch, and the most bytes: one loop wake-up
+#: per batch, bounded so that a batch never holds the loop for long (the throughput rows, and
+#: "Loop responsiveness"; the byte bound keeps a batch of 1 MiB items to one or two items: batching
+#: large payloads in a thread measured 0.5-0.7x).
+READ_BATCH_ITEMS = 256
+READ_BATCH_BYTES = 1 << 20
+#: How long close() waits for its thread to stop: a thread between two slices of its wait stops
+#: within POLL_SLICE; one inside a long write is left (it is a daemon) rather than block the
+#: caller (tests/test_threads.py: closing stops the threads).
+THREAD_JOIN_TIMEOUT = 1.0
+#: Wake-up bytes read off a hub's wake pipe at once: any number of pending wake-ups means "look".
+_WAKE_DRAIN_BYTES = 4096
+
 # --------------------------------------------------------------------------------------------
 # Fork safety: every live hub forgets its threads in a forked child
 # --------------------------------------------------------------------------------------------
@@ -87,7 +105,7 @@ class _WaiterQueue:
         waiter.dead = True
         self.live -= 1
         self.dead += 1
-        if self.dead > 64 and self.dead > self.live:
+        if self.dead > COMPACT_DEAD_WAITERS and self.dead > self.live:
             self.waiters = deque(w for w in self.waiters if not w.dead)
             self.dead = 0
 
@@ -191,8 +209,8 @@ class Reader(_Hub, Generic[T]):
         name: str,
         prefetch: int,
         read_ahead: bool = False,
-        max_batch: int = 256,
-        max_batch_bytes: int = 1024 * 1024,
+        max_batch: int = READ_BATCH_ITEMS,
+        max_batch_bytes: int = READ_BATCH_BYTES,
     ) -> None:
         self._source = source
         self._prefetch = prefetch
@@ -482,7 +500,7 @@ class Reader(_Hub, Generic[T]):
             os.write(self._wake_w, b"x")
         self._request_delivery(loops)
         if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
+            thread.join(THREAD_JOIN_TIMEOUT)
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -497,7 +515,7 @@ class Reader(_Hub, Generic[T]):
 
 def _drain(fd: int) -> None:
     try:
-        os.read(fd, 4096)
+        os.read(fd, _WAKE_DRAIN_BYTES)
     except OSError:
         pass
 
@@ -689,4 +707,4 @@ class Writer(_Hub):
         # the last one itself, the channel's finalizers would run in a daemon thread, which may be
         # stopped half-way by the interpreter's exit (a semaphore unlinked, never unregistered).
         if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
+            thread.join(THREAD_JOIN_TIMEOUT)

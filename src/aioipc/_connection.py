@@ -66,6 +66,13 @@ _LONG_HEADER = LONG_HEADER
 INLINE_SEND_MAX = PIPE_BUF
 #: Messages up to this size are assembled on the loop; larger ones by the reader thread.
 LOOP_MESSAGE_MAX = 256 * 1024
+#: The longest body a 4-byte header can announce; a longer one is announced as -1 and an 8-byte
+#: length, as multiprocessing does (tests/test_wire.py reads both).
+SHORT_FRAME_MAX = 2**31 - 1
+#: A margin for what a Unix socket charges its send buffer beyond a packet's payload: with a
+#: buffer of twice (frame + margin) a small frame goes in one write, all or nothing (a margin, not
+#: a measured figure; the duplex cases of tests/test_connection.py's make_pipe are socketpairs).
+_UNIX_PACKET_OVERHEAD = 64
 
 _HAVE_READINESS = hasattr(select, "epoll") and hasattr(os, "eventfd")
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
@@ -395,7 +402,9 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
     async def _send_queued(self, data: memoryview, *, owned: bool) -> None:
         """Send through the writer thread, after the sends queued before."""
         n = len(data)
-        header = _HEADER.pack(n) if n <= 0x7FFFFFFF else _HEADER.pack(-1) + _LONG_HEADER.pack(n)
+        header = (
+            _HEADER.pack(n) if n <= SHORT_FRAME_MAX else _HEADER.pack(-1) + _LONG_HEADER.pack(n)
+        )
         payload = data if owned else memoryview(bytes(data))
         await self._writer.run(lambda job: self._send_waiting(job, header, payload))
 
@@ -687,7 +696,9 @@ def _small_writes_are_atomic(fd: int) -> bool:
     sock = socket.socket(fileno=fd)
     try:
         sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        return sock.family == socket.AF_UNIX and sndbuf >= 2 * (INLINE_SEND_MAX + 64)
+        return sock.family == socket.AF_UNIX and sndbuf >= 2 * (
+            INLINE_SEND_MAX + _UNIX_PACKET_OVERHEAD
+        )
     finally:
         sock.detach()
 

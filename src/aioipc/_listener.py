@@ -52,6 +52,9 @@ Address = str | tuple[str, int]
 HANDSHAKE_TIMEOUT = 10.0
 #: At most this many handshakes in progress per listener, by default.
 MAX_HANDSHAKES = 128
+#: The socket's queue of connections not accepted yet, by default: multiprocessing's own
+#: Listener default is 1, too few for a burst of clients (tests/test_hostile_peers.py floods it).
+DEFAULT_BACKLOG = 64
 
 # --------------------------------------------------------------------------------------------
 # Across hosts: multiprocessing's Listener and Client, with an async face
@@ -688,7 +691,7 @@ class Listener(AsyncResource):
         authkey: bytes | None = None,
         family: str | None = None,
         insecure: bool = False,
-        backlog: int = 64,
+        backlog: int = DEFAULT_BACKLOG,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         max_handshakes: int = MAX_HANDSHAKES,
     ) -> None:
@@ -791,7 +794,7 @@ def listen(
     authkey: bytes | None = None,
     family: str | None = None,
     insecure: bool = False,
-    backlog: int = 64,
+    backlog: int = DEFAULT_BACKLOG,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     max_handshakes: int = MAX_HANDSHAKES,
 ) -> Listener:

@@ -49,6 +49,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Process", "link_producers", "open_process"]
 
+#: ``Process.wait`` first sleeps this long between looks at the exit status once the sentinel has
+#: fired (the process is finishing its exit, a moment before its status can be collected),
+#: doubling up to REAP_POLL_MAX: prompt without spinning (tests/test_process.py: wait returns the
+#: exit code).
+REAP_POLL_FIRST = 0.0005
+REAP_POLL_MAX = 0.05
+#: How long ``stop`` and ``open_process`` wait for a terminated process before they kill it: time
+#: for a SIGTERM handler to clean up, short enough for a test's timeout (tests/test_process.py:
+#: stop terminates, then kills).
+TERMINATE_TIMEOUT = 5.0
+
 #: How often the watcher thread steps its pending work (settling exit codes, checking locks).
 _STEP = 0.02
 #: How long a sentinel may have fired before the exit code can be read (the process is still
@@ -343,12 +354,12 @@ class Process(BaseProcess):
             await anyio.lowlevel.checkpoint()
             return code
         await self._wait_sentinel(sentinel)
-        delay = 0.0005
+        delay = REAP_POLL_FIRST
         while (code := self._reap()) is None:
             # The sentinel fires as the process closes its descriptors, a moment before its exit
             # status can be collected.
             await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, REAP_POLL_MAX)
         return code
 
     def _final_code(self) -> int:
@@ -376,7 +387,7 @@ class Process(BaseProcess):
             self._loops_on_sentinel.discard(loop)
 
     async def stop(
-        self, wait_timeout: float | None = None, *, terminate_timeout: float = 5.0
+        self, wait_timeout: float | None = None, *, terminate_timeout: float = TERMINATE_TIMEOUT
     ) -> int:
         """Make sure the process is over, and return its exit code.
 
@@ -430,7 +441,7 @@ async def open_process(
     kwargs: Mapping[str, Any] | None = None,
     daemon: bool | None = None,
     wait_timeout: float | None = None,
-    terminate_timeout: float = 5.0,
+    terminate_timeout: float = TERMINATE_TIMEOUT,
     close_connections: bool = True,
 ) -> AsyncIterator[Process]:
     """Run ``target(*args, **kwargs)`` in a new :class:`Process` for the duration of the block.
