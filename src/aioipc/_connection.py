@@ -48,7 +48,8 @@ from ._bridge import Job, Reader, Writer
 from ._exceptions import BrokenResourceError, BusyResourceError, ClosedResourceError
 from ._loops import Checkpointer, FdWatch, Waiter, current_loop
 from ._resource import AsyncResource
-from ._wire import HEADER, LONG_HEADER, PIPE_BUF, POLL_SLICE, READ_CHUNK, Wire, dumps, write_frame
+from ._wire import HEADER, PIPE_BUF, POLL_SLICE, READ_CHUNK, Wire, dumps, write_frame
+from ._wire import header as frame_header
 
 if TYPE_CHECKING:
     # Any object that exports a buffer (bytes, bytearray, memoryview, array.array, NumPy arrays),
@@ -59,16 +60,10 @@ SendT = TypeVar("SendT")
 RecvT = TypeVar("RecvT")
 
 
-_HEADER = HEADER
-_LONG_HEADER = LONG_HEADER
-
 #: Frames up to this size (header included) may be written on the event loop's thread.
 INLINE_SEND_MAX = PIPE_BUF
 #: Messages up to this size are assembled on the loop; larger ones by the reader thread.
 LOOP_MESSAGE_MAX = 256 * 1024
-#: The longest body a 4-byte header can announce; a longer one is announced as -1 and an 8-byte
-#: length, as multiprocessing does (tests/test_wire.py reads both).
-SHORT_FRAME_MAX = 2**31 - 1
 #: A margin for what a Unix socket charges its send buffer beyond a packet's payload: with a
 #: buffer of twice (frame + margin) a small frame goes in one write, all or nothing (a margin, not
 #: a measured figure; the duplex cases of tests/test_connection.py's make_pipe are socketpairs).
@@ -401,10 +396,7 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
 
     async def _send_queued(self, data: memoryview, *, owned: bool) -> None:
         """Send through the writer thread, after the sends queued before."""
-        n = len(data)
-        header = (
-            _HEADER.pack(n) if n <= SHORT_FRAME_MAX else _HEADER.pack(-1) + _LONG_HEADER.pack(n)
-        )
+        header = frame_header(len(data))
         payload = data if owned else memoryview(bytes(data))
         await self._writer.run(lambda job: self._send_waiting(job, header, payload))
 
@@ -412,9 +404,9 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
         """Write a small message on this thread if that cannot block; False if it must wait (it is
         too large, earlier sends wait, or there is no room)."""
         global _nowait_writes
-        if len(data) > INLINE_SEND_MAX - _HEADER.size or self._writer.busy:
+        if len(data) > INLINE_SEND_MAX - HEADER.size or self._writer.busy:
             return False
-        header = _HEADER.pack(len(data))
+        header = HEADER.pack(len(data))
         with self._lock:
             if self._closed:
                 self._check_open()

@@ -41,6 +41,9 @@ except ImportError:  # not a POSIX system: say so at import, not at the first ge
 
 HEADER = struct.Struct("!i")
 LONG_HEADER = struct.Struct("!Q")
+#: The longest body a 4-byte header can announce; a longer one is announced as -1 and an 8-byte
+#: length, as multiprocessing does (tests/test_wire.py writes and reads both).
+SHORT_FRAME_MAX = 2**31 - 1
 #: A frame's body as read from the wire.
 Frame = bytes | bytearray | memoryview
 
@@ -125,7 +128,7 @@ def dumps(obj: object) -> memoryview:
 
 def header(size: int) -> bytes:
     """The header of a frame whose body has ``size`` bytes."""
-    if size > 0x7FFFFFFF:
+    if size > SHORT_FRAME_MAX:
         return HEADER.pack(-1) + LONG_HEADER.pack(size)
     return HEADER.pack(size)
 
