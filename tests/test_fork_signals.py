@@ -43,9 +43,13 @@ def run_in_own_loop(loop: tuple[str, dict[str, Any]], main: Callable[[], Awaitab
 
 
 def wait_for_sigint(conn: Connection[Any, Any]) -> None:
-    """In the child: say it is ready, then wait (at most 20 s) for a SIGINT to interrupt it."""
-    conn.send(("ready", repr(signal.getsignal(signal.SIGINT))))
+    """In the child: say it is ready, then wait (at most 20 s) for a SIGINT to interrupt it.
+
+    The parent may signal as soon as "ready" is written, before ``send`` has returned here: the
+    interrupt is caught from the moment the message is sent.
+    """
     try:
+        conn.send(("ready", repr(signal.getsignal(signal.SIGINT))))
         time.sleep(20)
     except KeyboardInterrupt:
         conn.send(("interrupted", "KeyboardInterrupt"))

@@ -20,7 +20,7 @@ import anyio
 import pytest
 
 import aioipc
-from aioipc._connection import InsecureListenerWarning
+from aioipc import InsecureListenerWarning
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(60)]
 

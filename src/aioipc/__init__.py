@@ -2,12 +2,7 @@
 
 from ._connection import Connection as Connection
 from ._connection import ConnectionStatistics as ConnectionStatistics
-from ._connection import InsecureListenerWarning as InsecureListenerWarning
-from ._connection import Listener as Listener
-from ._connection import ListenerStatistics as ListenerStatistics
 from ._connection import Pipe as Pipe
-from ._connection import connect as connect
-from ._connection import listen as listen
 from ._exceptions import BrokenResourceError as BrokenResourceError
 from ._exceptions import BusyResourceError as BusyResourceError
 from ._exceptions import ClosedResourceError as ClosedResourceError
@@ -18,6 +13,11 @@ from ._exceptions import RemoteError as RemoteError
 from ._exceptions import RemoteTraceback as RemoteTraceback
 from ._exceptions import ShutDown as ShutDown
 from ._exceptions import WorkerDied as WorkerDied
+from ._listener import InsecureListenerWarning as InsecureListenerWarning
+from ._listener import Listener as Listener
+from ._listener import ListenerStatistics as ListenerStatistics
+from ._listener import connect as connect
+from ._listener import listen as listen
 from ._mpqueue import SyncQueue as SyncQueue
 from ._pool import Pool as Pool
 from ._pool import PoolMap as PoolMap

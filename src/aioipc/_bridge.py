@@ -18,272 +18,38 @@ front of the buffer, ahead of newer items, for the next waiter of this process.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import os
-import sys
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from multiprocessing import util
-from typing import Any, Generic, NoReturn, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
+from . import _fork
 from ._exceptions import ClosedResourceError
+from ._loops import LoopHandle, Waiter, current_loop
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: A waiting coroutine yields to its loop after this many items taken without waiting, or after
-#: CHECKPOINT_SECONDS, so that a fast consumer never starves the loop's other tasks.
-CHECKPOINT_ITEMS = 256
-CHECKPOINT_SECONDS = 0.002
-
-
-# --------------------------------------------------------------------------------------------
-# Event loops: how to park a coroutine and how to wake it from any thread
-# --------------------------------------------------------------------------------------------
-
-
-class _Waiter:
-    """One parked coroutine. ``items``/``error`` are set on its loop's thread, right before waking.
-
-    ``dead`` means the waiter left its FIFO (abandoned, or served): it no longer counts as waiting.
-    """
-
-    __slots__ = ("dead", "error", "items", "loop", "token", "want")
-
-    def __init__(self, loop: LoopHandle, want: int) -> None:
-        self.loop = loop
-        self.want = want
-        self.items: list[Any] | None = None
-        self.error: BaseException | None = None
-        self.dead = False
-        self.token: Any = None
-
-    def raise_error(self) -> NoReturn:
-        """Raise ``error`` and let go of it, so that no reference cycle (frame, exception,
-        traceback, frame) keeps this waiter's channel, and its semaphores, alive until the cycle
-        collector runs (on Python 3.13 a semaphore finalised by the collector inside the resource
-        tracker's own call is reported as leaked)."""
-        error, self.error = self.error, None
-        assert error is not None
-        try:
-            raise error
-        finally:
-            del error
-
-
-class LoopHandle:
-    """One running event loop, as seen from the bridge."""
-
-    __slots__ = ("__weakref__",)
-
-    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
-        raise NotImplementedError
-
-    async def park(self, waiter: _Waiter, abort: Callable[[_Waiter], None]) -> None:
-        raise NotImplementedError
-
-    def wake(self, waiter: _Waiter) -> None:
-        raise NotImplementedError
-
-    async def checkpoint(self) -> None:
-        raise NotImplementedError
-
-    async def checkpoint_if_cancelled(self) -> None:
-        """Raise the cancellation of the calling task if one is pending; else return at once."""
-        raise NotImplementedError
-
-    def maybe_cancelled(self) -> bool:
-        """False when the calling task surely has no cancellation pending (a cheap look, so that
-        a fast path can skip :meth:`checkpoint_if_cancelled`)."""
-        return True
-
-
-class _AsyncioLoop(LoopHandle):
-    __slots__ = ("_loop",)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
-        try:
-            self._loop.call_soon_threadsafe(callback)
-        except RuntimeError:  # the loop is closed: nobody is left to wake
-            pass
-
-    async def park(self, waiter: _Waiter, abort: Callable[[_Waiter], None]) -> None:
-        future = self._loop.create_future()
-        waiter.token = future
-        await future
-
-    def wake(self, waiter: _Waiter) -> None:
-        future: asyncio.Future[None] = waiter.token
-        if not future.done():
-            future.set_result(None)
-
-    async def checkpoint(self) -> None:
-        await asyncio.sleep(0)
-
-    async def checkpoint_if_cancelled(self) -> None:
-        if self.maybe_cancelled():
-            await asyncio.sleep(0)
-
-    def maybe_cancelled(self) -> bool:
-        task = asyncio.current_task(self._loop)
-        if task is None:
-            return False
-        # A plain asyncio cancellation not delivered yet (the task has not waited since
-        # ``task.cancel()``): ``Task._must_cancel``, on the C and the Python task alike.
-        if getattr(task, "_must_cancel", True):
-            return True
-        # An anyio cancel scope cancelled while this task ran (anyio's asyncio backend delivers
-        # it at the task's next wait).
-        anyio_asyncio = sys.modules.get("anyio._backends._asyncio")
-        if anyio_asyncio is None:
-            return False
-        state = anyio_asyncio._task_states.get(task)
-        scope = getattr(state, "cancel_scope", None)
-        while scope is not None:
-            if scope.cancel_called:
-                return True
-            if scope.shield:
-                return False
-            scope = scope._parent_scope
-        return False
-
-
-class _TrioLoop(LoopHandle):
-    __slots__ = ("_token",)
-
-    def __init__(self, token: Any) -> None:
-        self._token = token
-
-    def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
-        import trio
-
-        try:
-            self._token.run_sync_soon(callback)
-        except trio.RunFinishedError:
-            pass
-
-    async def park(self, waiter: _Waiter, abort: Callable[[_Waiter], None]) -> None:
-        import trio
-
-        waiter.token = trio.lowlevel.current_task()
-
-        def abort_fn(raise_cancel: Any) -> trio.lowlevel.Abort:
-            abort(waiter)
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort_fn)
-
-    def wake(self, waiter: _Waiter) -> None:
-        import trio
-
-        trio.lowlevel.reschedule(waiter.token)
-
-    async def checkpoint(self) -> None:
-        import trio
-
-        await trio.lowlevel.checkpoint()
-
-    async def checkpoint_if_cancelled(self) -> None:
-        import trio
-
-        await trio.lowlevel.checkpoint_if_cancelled()
-
-
-_asyncio_loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncioLoop] = (
-    weakref.WeakKeyDictionary()
-)
-_trio_loop_var: Any = None
-
-
-#: The asyncio loop seen last and its handle: most programs have one loop, and a weak dictionary
-#: look-up costs a weak reference per call.
-_last_asyncio: tuple[object, _AsyncioLoop | None] = (None, None)
-
-
-def current_loop() -> LoopHandle:
-    """The handle of the running event loop (asyncio, uvloop or trio)."""
-    global _last_asyncio
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        last, handle = _last_asyncio
-        if last is loop and handle is not None:
-            return handle
-        handle = _asyncio_loops.get(loop)
-        if handle is None:
-            handle = _asyncio_loops[loop] = _AsyncioLoop(loop)
-        _last_asyncio = (loop, handle)
-        return handle
-    trio_handle = _current_trio_loop()
-    if trio_handle is not None:
-        return trio_handle
-    raise RuntimeError("aioipc needs a running asyncio, uvloop or trio event loop")
-
-
-def _current_trio_loop() -> LoopHandle | None:
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return None
-    global _trio_loop_var
-    if _trio_loop_var is None:
-        _trio_loop_var = trio.lowlevel.RunVar("aioipc_loop")
-    try:
-        handle: LoopHandle | None = _trio_loop_var.get(None)
-    except RuntimeError:  # not inside trio.run()
-        return None
-    if handle is None:
-        handle = _TrioLoop(trio.lowlevel.current_trio_token())
-        _trio_loop_var.set(handle)
-    return handle
-
-
-class Checkpointer:
-    """Counts work done without waiting, so that a fast path yields to the loop now and then.
-
-    Hot paths call ``if checkpoints.due(): await checkpoints.checkpoint()``; :meth:`tick` does both.
-    """
-
-    __slots__ = ("_count", "_since")
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._since = time.monotonic()
-
-    def due(self) -> bool:
-        """Count one step; True when the caller should yield to its event loop now."""
-        self._count += 1
-        if self._count < 32:
-            return False
-        if self._count < CHECKPOINT_ITEMS and time.monotonic() - self._since < CHECKPOINT_SECONDS:
-            return False
-        self._count = 0
-        self._since = time.monotonic()
-        return True
-
-    async def checkpoint(self) -> None:
-        await current_loop().checkpoint()
-
-    async def tick(self) -> None:
-        """A cancellation point that also yields to the loop now and then."""
-        loop = current_loop()
-        if self.due():
-            await loop.checkpoint()
-        elif loop.maybe_cancelled():
-            await loop.checkpoint_if_cancelled()
-
-    def reset(self) -> None:
-        self._count = 0
-        self._since = time.monotonic()
-
+#: A waiter FIFO is rebuilt without its abandoned waiters once more than this many (and more than
+#: the live ones) pile up: abandoned waiters are skipped lazily, and a rebuild per cancellation
+#: would cost O(n) each (no test pins the value; tests/test_cancellation.py's random timeouts
+#: abandon many waiters).
+COMPACT_DEAD_WAITERS = 64
+#: The most items a reader thread hands over in one batch, and the most bytes: one loop wake-up
+#: per batch, bounded so that a batch never holds the loop for long (the throughput rows, and
+#: "Loop responsiveness"; the byte bound keeps a batch of 1 MiB items to one or two items: batching
+#: large payloads in a thread measured 0.5-0.7x).
+READ_BATCH_ITEMS = 256
+READ_BATCH_BYTES = 1 << 20
+#: How long close() waits for its thread to stop: a thread between two slices of its wait stops
+#: within POLL_SLICE; one inside a long write is left (it is a daemon) rather than block the
+#: caller (tests/test_threads.py: closing stops the threads).
+THREAD_JOIN_TIMEOUT = 1.0
+#: Wake-up bytes read off a hub's wake pipe at once: any number of pending wake-ups means "look".
+_WAKE_DRAIN_BYTES = 4096
 
 # --------------------------------------------------------------------------------------------
 # Fork safety: every live hub forgets its threads in a forked child
@@ -297,78 +63,7 @@ def _after_fork_in_child() -> None:
         hub._after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _CleanSlate:
-    """Clears the event-loop state a child inherits when multiprocessing forks it from inside a
-    running loop, so the child can start its own (``asyncio.run``, ``trio.run``, ``anyio.run``)
-    and behaves as a plain Python process until it does.
-
-    It runs in children that multiprocessing starts with the fork method, and only there (it is a
-    multiprocessing after-fork hook): such a child never returns into the parent's loop.
-
-    The signal handlers the loop installed are restored to Python's defaults: SIGINT to
-    :func:`signal.default_int_handler` (one Ctrl-C raises ``KeyboardInterrupt`` in the child),
-    others to ``SIG_DFL``. The parent's loop handlers would otherwise only poke a loop that does not
-    run in the child (asyncio's runner, uvloop's, trio's KeyboardInterrupt manager, and handlers
-    added with ``loop.add_signal_handler``), so the child would ignore the signal. Handlers the
-    application installed itself are kept.
-    """
-
-    #: Handlers defined in these packages belong to an event loop.
-    LOOP_PACKAGES = ("asyncio", "uvloop", "trio", "anyio")
-
-    def __call__(self) -> None:
-        asyncio.events._set_running_loop(None)
-        trio_run = sys.modules.get("trio._core._run")
-        if trio_run is not None:
-            vars(trio_run.GLOBAL_RUN_CONTEXT).clear()
-        sniffio = sys.modules.get("sniffio")
-        if sniffio is not None:  # anyio.run() refuses to start while sniffio names a library
-            sniffio.thread_local.name = None
-            sniffio.current_async_library_cvar.set(None)
-        if threading.current_thread() is threading.main_thread():
-            import signal
-
-            try:
-                signal.set_wakeup_fd(-1)
-            except ValueError:
-                pass
-            self._restore_signal_handlers(signal)
-
-    @classmethod
-    def _restore_signal_handlers(cls, signal: Any) -> None:
-        for signum in signal.valid_signals():
-            try:
-                handler = signal.getsignal(signum)
-            except (OSError, ValueError):
-                continue
-            if signum == signal.SIGINT:
-                if cls._is_loop_handler(handler):
-                    handler = signal.default_int_handler
-                if handler is not None:
-                    # Set it again even if unchanged: a loop may have replaced Python's own C-level
-                    # handler behind the signal module's back.
-                    signal.signal(signum, handler)
-            elif cls._is_loop_handler(handler):
-                signal.signal(signum, signal.SIG_DFL)
-
-    @classmethod
-    def _is_loop_handler(cls, handler: object) -> bool:
-        import functools
-
-        while isinstance(handler, functools.partial):
-            handler = handler.func
-        handler = getattr(handler, "__func__", handler)  # a bound method: its function
-        module = getattr(handler, "__module__", None)
-        if not isinstance(module, str):
-            return False
-        return module.partition(".")[0] in cls.LOOP_PACKAGES
-
-
-_clean_slate = _CleanSlate()
-util.register_after_fork(_clean_slate, lambda hook: hook())
+_fork.register(_after_fork_in_child)
 
 
 class _WaiterQueue:
@@ -377,17 +72,17 @@ class _WaiterQueue:
     __slots__ = ("dead", "delivery_pending", "live", "waiters")
 
     def __init__(self) -> None:
-        self.waiters: deque[_Waiter] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.live = 0
         self.dead = 0
         #: A wake-up of the loop is scheduled and has not run yet (coalesces wake-ups).
         self.delivery_pending = False
 
-    def append(self, waiter: _Waiter) -> None:
+    def append(self, waiter: Waiter) -> None:
         self.waiters.append(waiter)
         self.live += 1
 
-    def popleft(self) -> _Waiter | None:
+    def popleft(self) -> Waiter | None:
         waiters = self.waiters
         while waiters:
             waiter = waiters.popleft()
@@ -406,11 +101,11 @@ class _WaiterQueue:
             self.dead -= 1
         return waiters[0].want if waiters else 0
 
-    def discard(self, waiter: _Waiter) -> None:
+    def discard(self, waiter: Waiter) -> None:
         waiter.dead = True
         self.live -= 1
         self.dead += 1
-        if self.dead > 64 and self.dead > self.live:
+        if self.dead > COMPACT_DEAD_WAITERS and self.dead > self.live:
             self.waiters = deque(w for w in self.waiters if not w.dead)
             self.dead = 0
 
@@ -437,14 +132,14 @@ class _Hub:
 
     # -- waiters (called on loop threads, with the lock held) --
 
-    def _enqueue(self, waiter: _Waiter) -> None:
+    def _enqueue(self, waiter: Waiter) -> None:
         queue = self._loops.get(waiter.loop)
         if queue is None:
             queue = self._loops[waiter.loop] = _WaiterQueue()
         queue.append(waiter)
         self._n_waiting += 1
 
-    def _discard(self, waiter: _Waiter) -> None:
+    def _discard(self, waiter: Waiter) -> None:
         if not waiter.dead:
             self._loops[waiter.loop].discard(waiter)
             self._n_waiting -= 1
@@ -498,10 +193,6 @@ class Source(Protocol[T]):
         """
         ...
 
-    def close(self) -> None:
-        """Release what the source holds in this process (called once the reader stops)."""
-        ...
-
 
 class Reader(_Hub, Generic[T]):
     """Hands items from a :class:`Source` to coroutines, through one reader thread.
@@ -518,8 +209,8 @@ class Reader(_Hub, Generic[T]):
         name: str,
         prefetch: int,
         read_ahead: bool = False,
-        max_batch: int = 256,
-        max_batch_bytes: int = 1024 * 1024,
+        max_batch: int = READ_BATCH_ITEMS,
+        max_batch_bytes: int = READ_BATCH_BYTES,
     ) -> None:
         self._source = source
         self._prefetch = prefetch
@@ -607,7 +298,7 @@ class Reader(_Hub, Generic[T]):
                 return [buffer.popleft() for _ in range(n)]
             if self._end is not None and not buffer:
                 raise self._ending()
-            waiter = _Waiter(loop, want)
+            waiter = Waiter(loop, want)
             self._enqueue(waiter)
             try:
                 if self._thread is None:
@@ -648,7 +339,7 @@ class Reader(_Hub, Generic[T]):
             loops = self._loops_to_wake()
         self._request_delivery(loops)
 
-    def _abandon(self, waiter: _Waiter) -> None:
+    def _abandon(self, waiter: Waiter) -> None:
         """The waiter is gone (cancelled, timed out): its items go back, ahead of newer ones."""
         with self._lock:
             if waiter.items:
@@ -809,7 +500,7 @@ class Reader(_Hub, Generic[T]):
             os.write(self._wake_w, b"x")
         self._request_delivery(loops)
         if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
+            thread.join(THREAD_JOIN_TIMEOUT)
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -824,7 +515,7 @@ class Reader(_Hub, Generic[T]):
 
 def _drain(fd: int) -> None:
     try:
-        os.read(fd, 4096)
+        os.read(fd, _WAKE_DRAIN_BYTES)
     except OSError:
         pass
 
@@ -847,7 +538,7 @@ class Job(Generic[R]):
     def __init__(
         self,
         hub: Writer,
-        waiter: _Waiter,
+        waiter: Waiter,
         fn: Callable[[Job[R]], R],
         undo: Callable[[R], object] | None = None,
     ) -> None:
@@ -876,7 +567,7 @@ class Writer(_Hub):
         super()._reset()
         self._jobs: deque[Job[Any]] = deque()
         self._done: deque[
-            tuple[_Waiter, Any, BaseException | None, Callable[[Any], object] | None]
+            tuple[Waiter, Any, BaseException | None, Callable[[Any], object] | None]
         ] = deque()
 
     @property
@@ -897,7 +588,7 @@ class Writer(_Hub):
         with self._lock:
             if self._closed:
                 raise ClosedResourceError
-            waiter = _Waiter(loop, 1)
+            waiter = Waiter(loop, 1)
             job: Job[R] = Job(self, waiter, fn, undo)
             self._enqueue(waiter)
             self._jobs.append(job)
@@ -923,7 +614,7 @@ class Writer(_Hub):
         assert waiter.items is not None
         return waiter.items[0]  # type: ignore[no-any-return]
 
-    def _abandon(self, waiter: _Waiter) -> None:
+    def _abandon(self, waiter: Waiter) -> None:
         with self._lock:
             self._discard(waiter)
             undone = [entry for entry in self._done if entry[0] is waiter]
@@ -993,7 +684,7 @@ class Writer(_Hub):
         for waiter in woken:
             loop.wake(waiter)
 
-    def _discard_delivered(self, waiter: _Waiter) -> None:
+    def _discard_delivered(self, waiter: Waiter) -> None:
         # A delivered waiter leaves the FIFO like an abandoned one, without being marked dead.
         queue = self._loops[waiter.loop]
         queue.live -= 1
@@ -1016,38 +707,4 @@ class Writer(_Hub):
         # the last one itself, the channel's finalizers would run in a daemon thread, which may be
         # stopped half-way by the interpreter's exit (a semaphore unlinked, never unregistered).
         if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
-
-
-# --------------------------------------------------------------------------------------------
-# The life cycle every aioipc object shares
-# --------------------------------------------------------------------------------------------
-
-_R = TypeVar("_R", bound="AsyncResource")
-
-
-class AsyncResource:
-    """``close()`` (sync, idempotent), ``aclose()`` and ``async with``; use after close raises
-    :class:`aioipc.ClosedResourceError`. Subclasses implement :meth:`close` and set ``_closed``."""
-
-    _closed: bool
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-    async def aclose(self) -> None:
-        """Close it, as :meth:`close` does.
-
-        **Cancellation**: none needed; it closes at once, without waiting.
-        """
-        self.close()
-
-    async def __aenter__(self: _R) -> _R:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedResourceError(f"{self!r} was closed in this process")
+            thread.join(THREAD_JOIN_TIMEOUT)

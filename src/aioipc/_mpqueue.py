@@ -33,6 +33,7 @@ from ._wire import (
     JOIN_MAX,
     LONG_HEADER,
     PIPE_BUF,
+    POLL_SLICE,
     Frame,
     available,
     dumps,
@@ -47,9 +48,6 @@ from ._wire import (
 
 T = TypeVar("T")
 
-#: How long a blocked call sleeps at most before it looks at the shared shutdown flag again
-#: (so that waiters in every process see ``shutdown()`` within about this long).
-POLL_SLICE = 0.05
 #: ``join()`` first sleeps this long between looks at the shared count, doubling up to POLL_SLICE.
 _JOIN_FIRST_SLEEP = 0.001
 #: The largest ``maxsize``: a POSIX semaphore's SEM_VALUE_MAX on Linux and macOS.

@@ -33,13 +33,14 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from multiprocessing import context as mp_context
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from ._bridge import LoopHandle, current_loop
-from ._connection import Connection
+from . import _fork
+from ._connection import Connection, closed_end
 from ._exceptions import BrokenResourceError, ProcessFailed, ShutDown
+from ._loops import LoopHandle, current_loop, wait_readable
 from ._mpqueue import EndMarker, SyncQueue
 from ._wire import dumps
 
@@ -47,6 +48,17 @@ if TYPE_CHECKING:
     from ._queue import Queue
 
 __all__ = ["Process", "link_producers", "open_process"]
+
+#: ``Process.wait`` first sleeps this long between looks at the exit status once the sentinel has
+#: fired (the process is finishing its exit, a moment before its status can be collected),
+#: doubling up to REAP_POLL_MAX: prompt without spinning (tests/test_process.py: wait returns the
+#: exit code).
+REAP_POLL_FIRST = 0.0005
+REAP_POLL_MAX = 0.05
+#: How long ``stop`` and ``open_process`` wait for a terminated process before they kill it: time
+#: for a SIGTERM handler to clean up, short enough for a test's timeout (tests/test_process.py:
+#: stop terminates, then kills).
+TERMINATE_TIMEOUT = 5.0
 
 #: How often the watcher thread steps its pending work (settling exit codes, checking locks).
 _STEP = 0.02
@@ -96,6 +108,8 @@ def _read_exitcode(process: BaseProcess, pid: int) -> int | None:
     code: int | None = getattr(popen, "returncode", None)
     if code is not None or popen is None or getattr(popen, "method", None) == "forkserver":
         return code
+    if not hasattr(os, "waitid"):  # macOS: the code is known once the owner has collected it
+        return None
     try:
         info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
     except ChildProcessError:  # reaped by the owner: its returncode is set in a moment
@@ -279,10 +293,11 @@ class Process(BaseProcess):
         kwargs: Mapping[str, Any] | None = None,
         *,
         daemon: bool | None = None,
-        ctx: Any = None,
+        ctx: mp_context.BaseContext | None = None,
     ) -> None:
         super().__init__(group, target, name, args, kwargs or {}, daemon=daemon)
-        self._kind: Any = mp_context.Process if ctx is None else ctx.Process
+        # (every concrete context has a Process class; the base class's stub does not say so)
+        self._kind: Any = mp_context.Process if ctx is None else cast(Any, ctx).Process
         self._start_method: str | None = self._kind._start_method
         self._final_exitcode: int | None = None
         self._forced: str | None = None
@@ -339,12 +354,12 @@ class Process(BaseProcess):
             await anyio.lowlevel.checkpoint()
             return code
         await self._wait_sentinel(sentinel)
-        delay = 0.0005
+        delay = REAP_POLL_FIRST
         while (code := self._reap()) is None:
             # The sentinel fires as the process closes its descriptors, a moment before its exit
             # status can be collected.
             await anyio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            delay = min(delay * 2, REAP_POLL_MAX)
         return code
 
     def _final_code(self) -> int:
@@ -362,20 +377,17 @@ class Process(BaseProcess):
             await _wait_in_watcher(self)
             return
         self._loops_on_sentinel.add(loop)
-        blocking = os.get_blocking(fd)
         try:
-            await anyio.wait_readable(fd)
+            # (it keeps the fd blocking: multiprocessing expects the fork server's status pipe to
+            # block, and uvloop leaves a watched fd non-blocking)
+            await wait_readable(fd)
         except anyio.BusyResourceError:  # someone else's task of this loop waits on it
             await _wait_in_watcher(self)
         finally:
             self._loops_on_sentinel.discard(loop)
-            if blocking and not os.get_blocking(fd):
-                # uvloop leaves a watched descriptor non-blocking; multiprocessing expects the
-                # fork server's status pipe to block.
-                os.set_blocking(fd, True)
 
     async def stop(
-        self, wait_timeout: float | None = None, *, terminate_timeout: float = 5.0
+        self, wait_timeout: float | None = None, *, terminate_timeout: float = TERMINATE_TIMEOUT
     ) -> int:
         """Make sure the process is over, and return its exit code.
 
@@ -424,12 +436,12 @@ async def _wait_in_watcher(process: BaseProcess) -> None:
 async def open_process(
     target: Callable[..., object],
     *args: Any,
-    ctx: Any = None,
+    ctx: mp_context.BaseContext | None = None,
     name: str | None = None,
     kwargs: Mapping[str, Any] | None = None,
     daemon: bool | None = None,
     wait_timeout: float | None = None,
-    terminate_timeout: float = 5.0,
+    terminate_timeout: float = TERMINATE_TIMEOUT,
     close_connections: bool = True,
 ) -> AsyncIterator[Process]:
     """Run ``target(*args, **kwargs)`` in a new :class:`Process` for the duration of the block.
@@ -493,14 +505,7 @@ class _ClosedEnd:
     """Pickles a closed :class:`aioipc.Connection` into a closed one in the child."""
 
     def __reduce__(self) -> tuple[Callable[[], Connection[Any, Any]], tuple[()]]:
-        return _closed_connection, ()
-
-
-def _closed_connection() -> Connection[Any, Any]:
-    end: Connection[Any, Any] = Connection.__new__(Connection)
-    end._closed = True  # all a closed end needs: close() is a no-op, everything else raises
-    end._owner_pid = -1
-    return end
+        return closed_end, ()
 
 
 def _closed_as_stand_in(value: Any) -> Any:
@@ -655,5 +660,4 @@ def _after_fork_in_child() -> None:
     _links_lock = threading.Lock()
 
 
-if sys.platform != "win32":
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork.register(_after_fork_in_child)

@@ -15,18 +15,19 @@ from multiprocessing.managers import BaseProxy
 from multiprocessing.process import BaseProcess
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-from ._bridge import AsyncResource, Checkpointer, Job, Reader, Writer, current_loop
+from ._bridge import Job, Reader, Writer
 from ._exceptions import Empty, Full, ShutDown
+from ._loops import Checkpointer, current_loop
 from ._mpqueue import (
     NOTHING,
-    POLL_SLICE,
     SHUTDOWN_MARKER,
     EndMarker,
     SyncQueue,
     UnpicklingFailed,
 )
 from ._process import link_producers
-from ._wire import dumps
+from ._resource import AsyncResource
+from ._wire import POLL_SLICE, dumps
 
 T = TypeVar("T")
 

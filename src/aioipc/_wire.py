@@ -20,22 +20,37 @@ from __future__ import annotations
 
 import copyreg
 import errno
-import fcntl
 import io
 import os
 import select
 import struct
 import sys
-import termios
 import threading
 from collections import deque
 from collections.abc import Iterable
 from multiprocessing.reduction import ForkingPickler
 
+try:
+    import fcntl
+    import termios
+except ImportError:  # not a POSIX system: say so at import, not at the first get
+    raise ImportError(
+        "aioipc needs a POSIX system (Linux is the tested platform); it does not run on "
+        f"{sys.platform}"
+    ) from None
+
 HEADER = struct.Struct("!i")
 LONG_HEADER = struct.Struct("!Q")
+#: The longest body a 4-byte header can announce; a longer one is announced as -1 and an 8-byte
+#: length, as multiprocessing does (tests/test_wire.py writes and reads both).
+SHORT_FRAME_MAX = 2**31 - 1
 #: A frame's body as read from the wire.
 Frame = bytes | bytearray | memoryview
+
+#: How long a blocked call sleeps at most before it looks at the shared shutdown flag again
+#: (so that waiters in every process see ``shutdown()`` within about this long), and the slice
+#: in which a thread waiting for room or data checks whether its caller gave up.
+POLL_SLICE = 0.05
 
 #: A write of at most this many bytes to a pipe is whole or nothing (POSIX ``PIPE_BUF``; 512 is the
 #: smallest value POSIX allows, for platforms that do not say).
@@ -113,7 +128,7 @@ def dumps(obj: object) -> memoryview:
 
 def header(size: int) -> bytes:
     """The header of a frame whose body has ``size`` bytes."""
-    if size > 0x7FFFFFFF:
+    if size > SHORT_FRAME_MAX:
         return HEADER.pack(-1) + LONG_HEADER.pack(size)
     return HEADER.pack(size)
 
