@@ -16,14 +16,9 @@ import aioipc
 
 PACKAGE = Path(aioipc.__file__).parent
 
-#: Known reaches into another layer's private attributes, as (module, attribute): supervision
-#: (``Queue.link``, in _process.py) drives the queue it watches from its watcher thread. It is to
-#: get a public seam on the queue; until then these, and only these, are allowed.
-ALLOWED_PRIVATE_ACCESS = {
-    ("_process", "_channel"),  # the queue's SyncQueue, to check its locks
-    ("_process", "_reader"),  # the queue's bridge reader, ended when a producer cut the stream
-    ("_process", "_feed_raw"),  # SyncQueue's raw write of the end marker
-}
+#: Known reaches into another layer's private attributes, as (module, attribute). None: every
+#: layer talks to the others through public names.
+ALLOWED_PRIVATE_ACCESS: set[tuple[str, str]] = set()
 
 
 def _is_private(name: str) -> bool:

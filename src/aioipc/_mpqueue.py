@@ -27,6 +27,7 @@ from multiprocessing.connection import Pipe
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, NoReturn, TypeVar
 
+from . import _fork
 from ._exceptions import BrokenResourceError, Empty, Full, ShutDown
 from ._wire import (
     HEADER,
@@ -379,7 +380,7 @@ def _reset_queues_after_fork() -> None:
             queue._reset_local()
 
 
-os.register_at_fork(after_in_child=_reset_queues_after_fork)
+_fork.register(_reset_queues_after_fork)
 
 
 class SyncQueue(Generic[T]):
@@ -893,6 +894,11 @@ class SyncQueue(Generic[T]):
             except BrokenResourceError:
                 return False
         return not self._state[_BROKEN]
+
+    def end_stream(self, error: BaseException) -> None:
+        """Put an end marker behind every item queued: each reader, in every process, hands out
+        those items, then raises ``error`` (``Queue.link``, when its producers have exited)."""
+        self._feed_raw(bytes(dumps(EndMarker(error))))
 
     def _check_shutdown(self) -> None:
         if self._state[_SHUTDOWN]:

@@ -1,23 +1,14 @@
-"""Worker processes that coroutines can await, and supervision of the queues they feed.
+"""Worker processes that coroutines can await, and the thread that notices exits nobody awaits.
 
 :class:`Process` is a :mod:`multiprocessing` process whose exit a coroutine awaits on the process
 sentinel (a file descriptor that becomes readable when the process ends) through the event loop:
 no thread and no polling per process. :func:`open_process` ties a process's life to a block.
 
-Supervision (``Queue.link``) needs to notice exits that nobody awaits, so it uses one watcher thread
-per process (started while something is watched, gone when nothing is). It reads exit codes without
-racing the thread that owns the process object (an :class:`aioipc.Process` serialises its polls;
-other processes are peeked at without reaping them). When every producer linked to a queue has
-exited, the watcher appends an end marker to the queue's stream: it travels behind every item the
-producers wrote, so each reader, in any process, hands out those items first, then ends: as after
-``shutdown()`` if every producer exited with code 0, else with
-:class:`aioipc.BrokenResourceError` naming the failed ones.
-
-A producer killed inside ``put`` may leave the queue's write lock taken. The queue records who
-holds it, so after each exit the watcher asks the queue to give back the locks of dead holders
-that were between two items (:meth:`SyncQueue.recover`); if the producer died in the middle of
-writing an item, the stream is cut and cannot be repaired: the getters of this process are ended
-at once (and every process's getters raise once they find the dead holder).
+The :class:`Watcher` (one thread per process, started while something is watched, gone when
+nothing is) calls back when a watched process exits, and runs periodic jobs; supervision
+(``_supervision.py``) and a second waiter of a process use it. It reads exit codes without racing
+the thread that owns the process object (an :class:`aioipc.Process` serialises its polls; other
+processes are peeked at without reaping them).
 """
 
 from __future__ import annotations
@@ -28,26 +19,20 @@ import signal
 import sys
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from multiprocessing import context as mp_context
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import anyio
 
 from . import _fork
 from ._connection import Connection, closed_end
-from ._exceptions import BrokenResourceError, ProcessFailed, ShutDown
+from ._exceptions import ProcessFailed
 from ._loops import LoopHandle, current_loop, wait_readable
-from ._mpqueue import EndMarker, SyncQueue
-from ._wire import dumps
 
-if TYPE_CHECKING:
-    from ._queue import Queue
-
-__all__ = ["Process", "link_producers", "open_process"]
+__all__ = ["Process", "Watch", "Watcher", "describe_exit", "open_process", "watcher"]
 
 #: ``Process.wait`` first sleeps this long between looks at the exit status once the sentinel has
 #: fired (the process is finishing its exit, a moment before its status can be collected),
@@ -126,15 +111,13 @@ def _read_exitcode(process: BaseProcess, pid: int) -> int | None:
 # --------------------------------------------------------------------------------------------
 
 
-class _Watch:
+class Watch:
     """One process watched by the watcher thread (which owns ``fd``, a duplicate of the sentinel,
     so that closing the process object does not pull the descriptor from under it)."""
 
     __slots__ = ("active", "callback", "fd", "fired", "name", "pid", "process")
 
-    def __init__(
-        self, process: BaseProcess, callback: Callable[[_Watch, int | None], None]
-    ) -> None:
+    def __init__(self, process: BaseProcess, callback: Callable[[Watch, int | None], None]) -> None:
         self.process = process
         self.name = process.name
         self.pid: int = process.pid  # type: ignore[assignment]  # started: checked by the caller
@@ -144,7 +127,7 @@ class _Watch:
         self.active = True
 
 
-class _Watcher:
+class Watcher:
     """Waits for the sentinels of watched processes and runs periodic jobs, in one thread.
 
     Callbacks and jobs run in that thread and must not block for long. A job is a callable
@@ -156,8 +139,8 @@ class _Watcher:
         self._reset()
 
     def _reset(self) -> None:
-        self._watching: dict[int, _Watch] = {}
-        self._settling: list[_Watch] = []
+        self._watching: dict[int, Watch] = {}
+        self._settling: list[Watch] = []
         self._jobs: list[Callable[[], bool]] = []
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = -1
@@ -171,16 +154,16 @@ class _Watcher:
         self._lock = threading.Lock()
         self._reset()
 
-    def watch(self, process: BaseProcess, callback: Callable[[_Watch, int | None], None]) -> _Watch:
+    def watch(self, process: BaseProcess, callback: Callable[[Watch, int | None], None]) -> Watch:
         """Call ``callback(watch, exitcode)`` in the watcher thread once ``process`` has exited
         (``exitcode`` None if it cannot be known)."""
-        watch = _Watch(process, callback)
+        watch = Watch(process, callback)
         with self._lock:
             self._watching[watch.fd] = watch
             self._kick()
         return watch
 
-    def cancel(self, watch: _Watch) -> None:
+    def cancel(self, watch: Watch) -> None:
         """Forget ``watch`` (its callback will not run, unless it is running already)."""
         with self._lock:
             watch.active = False
@@ -260,7 +243,8 @@ def _drain(fd: int) -> None:
         os.read(fd, 4096)
 
 
-_watcher = _Watcher()
+#: The one watcher thread of this process, shared by Process.wait (a second waiter) and supervision.
+watcher = Watcher()
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,11 +409,11 @@ async def _wait_in_watcher(process: BaseProcess) -> None:
     """Wait for ``process`` to exit through the watcher thread."""
     loop = current_loop()
     exited = anyio.Event()
-    watch = _watcher.watch(process, lambda _watch, _code: loop.call_soon_threadsafe(exited.set))
+    watch = watcher.watch(process, lambda _watch, _code: loop.call_soon_threadsafe(exited.set))
     try:
         await exited.wait()
     finally:
-        _watcher.cancel(watch)
+        watcher.cancel(watch)
 
 
 @asynccontextmanager
@@ -540,124 +524,9 @@ def _add_note(exc: BaseException, note: str) -> None:
         notes.append(note)
 
 
-# --------------------------------------------------------------------------------------------
-# Supervision
-# --------------------------------------------------------------------------------------------
-
-
-class _QueueLink:
-    """The producers linked to one queue in this process, and what their exits do to it.
-
-    Every exit starts a check of the queue's locks (a producer killed inside ``put`` may leave the
-    state or write lock taken); once the check passes and no linked producer runs any more, the
-    end marker goes into the queue. All of it runs in the watcher thread.
-    """
-
-    def __init__(self, queue: Queue[Any]) -> None:
-        self._queue = weakref.ref(queue)
-        self._lock = threading.Lock()
-        self._running = 0
-        self._exits: list[str] = []
-        self._failed: list[str] = []
-        self._checking = False
-        self._ended = False
-
-    def add(self, process: BaseProcess) -> None:
-        with self._lock:
-            self._running += 1
-        _watcher.watch(process, self._exited)
-
-    def _exited(self, watch: _Watch, code: int | None) -> None:
-        with self._lock:
-            self._running -= 1
-            self._exits.append(describe_exit(watch.name, watch.pid, code))
-            if code != 0:
-                self._failed.append(describe_exit(watch.name, watch.pid, code))
-            if self._checking:
-                return
-            self._checking = True
-        _watcher.add_job(self._step)
-
-    def _step(self) -> bool:
-        """One round of the check that follows an exit; True when it is over."""
-        queue = self._queue()
-        if queue is None or queue._closed or self._ended:
-            return self._done()
-        channel = queue._channel
-        assert isinstance(channel, SyncQueue)
-        try:
-            verdict = self._probe(channel)
-        except (OSError, ValueError):  # the queue was closed in this process meanwhile
-            return self._done()
-        if verdict is None:
-            return False
-        with self._lock:
-            last = self._running == 0
-            exits = "; ".join(self._exits)
-            failed = list(self._failed)
-            total = len(self._exits)
-        if verdict == "cut":
-            self._ended = True
-            queue._reader.end(
-                BrokenResourceError(
-                    "a producer died in the middle of putting an item into the queue, which cut "
-                    f"its stream: no process can get from it any more ({exits})"
-                )
-            )
-        elif last and not channel.is_shutdown:  # after a shutdown, getters end with ShutDown
-            self._ended = True
-            end: BaseException
-            if failed:
-                end = BrokenResourceError(
-                    f"{len(failed)} of the {total} producers linked to the queue failed: "
-                    + "; ".join(failed)
-                )
-            else:  # every producer finished its work: the stream ends as after shutdown()
-                end = ShutDown()
-            channel._feed_raw(bytes(dumps(EndMarker(end))))
-        return self._done()
-
-    def _done(self) -> bool:
-        with self._lock:
-            self._checking = False
-        return True
-
-    def _probe(self, channel: SyncQueue[Any]) -> str | None:
-        """Look at the queue's locks: "ok" when no dead process holds them (giving back those
-        held by processes that died between two items), "cut" if one died in the middle of an
-        item. Decided by process state (the queue records who holds its locks), never by how
-        long a lock was held: a slow or stopped producer keeps its lock."""
-        return "ok" if channel.recover() else "cut"
-
-
-_links: weakref.WeakKeyDictionary[Queue[Any], _QueueLink] = weakref.WeakKeyDictionary()
-_links_lock = threading.Lock()
-
-
-def link_producers(queue: Queue[Any], producers: Iterable[BaseProcess]) -> None:
-    """Supervise ``producers`` as the processes that put items into ``queue`` (``Queue.link``)."""
-    if not isinstance(queue._channel, SyncQueue):
-        raise TypeError("link() needs a queue made by aioipc, not one adopted with Queue.wrap()")
-    producers = list(producers)
-    for process in producers:
-        if not isinstance(process, BaseProcess):
-            raise TypeError(f"expected a multiprocessing process, not {type(process).__name__}")
-        if process.pid is None:
-            raise ValueError(f"{process!r} has not been started: link it once it runs")
-    with _links_lock:
-        link = _links.get(queue)
-        if link is None:
-            link = _links[queue] = _QueueLink(queue)
-    for process in producers:
-        link.add(process)
-
-
 def _after_fork_in_child() -> None:
-    # Supervision belongs to the process that started the producers.
-    global _links_lock
-    _watcher.after_fork_in_child()
-    _links.clear()
-    _links_lock = threading.Lock()
+    # The watched processes, the thread and its pipe are the parent's.
+    watcher.after_fork_in_child()
 
 
 _fork.register(_after_fork_in_child)

@@ -6,7 +6,7 @@ import copy
 import os
 import queue as stdlib_queue
 import time
-import warnings
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing import context
@@ -25,8 +25,8 @@ from ._mpqueue import (
     SyncQueue,
     UnpicklingFailed,
 )
-from ._process import link_producers
 from ._resource import AsyncResource
+from ._supervision import link_producers
 from ._wire import POLL_SLICE, dumps
 
 T = TypeVar("T")
@@ -47,7 +47,12 @@ def _check_prefetch(prefetch: object) -> int:
 
 
 class SyncQueueLike(Protocol[T]):
-    """What ``Queue.sync`` offers: the blocking interface of :class:`multiprocessing.Queue`."""
+    """What ``Queue.sync`` offers: the blocking interface of :class:`multiprocessing.Queue`.
+
+    A queue built by aioipc gives a :class:`aioipc.SyncQueue`, which also has ``shutdown()`` and
+    ``maxsize``; a wrapped multiprocessing queue has neither, so they are not promised here:
+    :meth:`Queue.shutdown` and :attr:`Queue.maxsize` work in any process, with or without a loop.
+    """
 
     def put(self, obj: T, block: bool = True, timeout: float | None = None) -> None: ...
     def get(self, block: bool = True, timeout: float | None = None) -> T: ...
@@ -59,6 +64,14 @@ class SyncQueueLike(Protocol[T]):
     def close(self) -> None: ...
     def join_thread(self) -> None: ...
     def cancel_join_thread(self) -> None: ...
+
+
+class JoinableSyncQueueLike(SyncQueueLike[T], Protocol[T]):
+    """What ``JoinableQueue.sync`` offers: the blocking interface of
+    :class:`multiprocessing.JoinableQueue`."""
+
+    def task_done(self) -> None: ...
+    def join(self) -> object: ...
 
 
 @dataclass(frozen=True)
@@ -249,6 +262,8 @@ class Queue(AsyncResource, Generic[T]):
         self._owner_pid = os.getpid() if owner else -1
         #: A queue made by ``wrap`` leaves the wrapped object open when it closes.
         self._owns_channel = not isinstance(channel, _Foreign) and owner
+        #: What supervision sees of this queue, once ``link()`` was called.
+        self._supervised: _Supervised | None = None
 
     def __getstate__(self) -> tuple[Any, int]:
         context.assert_spawning(self)
@@ -266,10 +281,6 @@ class Queue(AsyncResource, Generic[T]):
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"qsize={self.qsize()}"
         return f"<aioipc.{type(self).__name__} maxsize={self.maxsize} {state} at {id(self):#x}>"
-
-    def __del__(self) -> None:
-        if not getattr(self, "_closed", True) and self._owner_pid == os.getpid():
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
 
     # -- properties --
 
@@ -536,7 +547,13 @@ class Queue(AsyncResource, Generic[T]):
         :meth:`wrap`.
         """
         self._check_open()
-        link_producers(self, producers)
+        if not isinstance(self._channel, SyncQueue):
+            raise TypeError(
+                "link() needs a queue made by aioipc, not one adopted with Queue.wrap()"
+            )
+        if self._supervised is None:
+            self._supervised = _Supervised(self)
+        link_producers(self._supervised, producers)
 
     # -- closing --
 
@@ -570,6 +587,39 @@ class Queue(AsyncResource, Generic[T]):
         )
 
 
+class _Supervised:
+    """This queue as supervision sees it (``_supervision.Supervised``): a few named operations,
+    called from the watcher thread. It refers to the queue weakly, so the queue's life is its
+    own."""
+
+    __slots__ = ("__weakref__", "_channel", "_queue")
+
+    def __init__(self, queue: Queue[Any]) -> None:
+        assert isinstance(queue._channel, SyncQueue)
+        self._queue = weakref.ref(queue)
+        self._channel: SyncQueue[Any] = queue._channel
+
+    @property
+    def closed(self) -> bool:
+        queue = self._queue()
+        return queue is None or queue._closed
+
+    @property
+    def is_shutdown(self) -> bool:
+        return self._channel.is_shutdown
+
+    def recover(self) -> bool:
+        return self._channel.recover()
+
+    def end_here(self, error: BaseException) -> None:
+        queue = self._queue()
+        if queue is not None:
+            queue._reader.end(error)
+
+    def end_stream(self, error: BaseException) -> None:
+        self._channel.end_stream(error)
+
+
 def _reserve_room(channel: SyncQueue[Any], job: Job[bool]) -> bool:
     """In the writer thread: take a slot of a full bounded queue for a waiting ``put``."""
     while not job.abandoned:
@@ -593,6 +643,12 @@ class JoinableQueue(Queue[T]):
         queue proxy, or the :attr:`sync` face of another aioipc joinable queue (see
         :meth:`Queue.wrap`)."""
         return cast("JoinableQueue[Any]", super().wrap(obj, prefetch=prefetch))
+
+    @property
+    def sync(self) -> JoinableSyncQueueLike[T]:
+        """The blocking face of this queue, with ``task_done()`` and ``join()`` (see
+        :attr:`Queue.sync`)."""
+        return cast(JoinableSyncQueueLike[T], super().sync)
 
     def task_done(self) -> None:
         """Mark one item taken earlier as processed. Raises ``ValueError`` if called more times

@@ -22,6 +22,11 @@ async def queues() -> None:
         assert_type(joinable, aioipc.JoinableQueue[str])
         assert_type(await joinable.get(), str)
         await joinable.join()
+        assert_type(joinable.sync.get(), str)
+        joinable.sync.task_done()  # the blocking face of a joinable queue has task_done and join
+        joinable.sync.join()
+    queue.sync.cancel_join_thread()  # and every blocking face has multiprocessing's close methods
+    queue.sync.close()
     assert_type(aioipc.Queue.wrap(object()), aioipc.Queue[Any])
     assert_type(aioipc.JoinableQueue.wrap(object()), aioipc.JoinableQueue[Any])
     await queue.put(1)
