@@ -29,6 +29,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from . import _fork
 from ._exceptions import ClosedResourceError
 from ._loops import LoopHandle, Waiter, current_loop
+from ._wire import drain_wakeups
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -48,8 +49,6 @@ READ_BATCH_BYTES = 1 << 20
 #: within POLL_SLICE; one inside a long write is left (it is a daemon) rather than block the
 #: caller (tests/test_threads.py: closing stops the threads).
 THREAD_JOIN_TIMEOUT = 1.0
-#: Wake-up bytes read off a hub's wake pipe at once: any number of pending wake-ups means "look".
-_WAKE_DRAIN_BYTES = 4096
 
 # --------------------------------------------------------------------------------------------
 # Fork safety: every live hub forgets its threads in a forked child
@@ -211,8 +210,12 @@ class Reader(_Hub, Generic[T]):
         read_ahead: bool = False,
         max_batch: int = READ_BATCH_ITEMS,
         max_batch_bytes: int = READ_BATCH_BYTES,
+        giveback: Callable[[list[T]], None] | None = None,
     ) -> None:
         self._source = source
+        #: Where items read but never handed out go when the reader closes (a shared queue puts
+        #: them back; a connection's messages have nowhere to go).
+        self._giveback = giveback
         self._prefetch = prefetch
         #: Keep ``prefetch`` items ready even while nobody waits (a listener accepting ahead);
         #: otherwise the thread reads only while coroutines wait (a shared queue).
@@ -422,28 +425,20 @@ class Reader(_Hub, Generic[T]):
                 items, end = [], exc.with_traceback(None)
             if not items and end is None:
                 self._reading = False
-                _drain(wake_r)
+                drain_wakeups(wake_r)
                 continue
             with self._lock:
                 self._reading = False
                 if self._closed:  # closed while we read: the items go back where they came from
-                    self._giveback(items)
+                    if items and self._giveback is not None:
+                        self._giveback(items)
                     return
                 self._owed = max(self._owed - len(items), 0)
                 self.buffer.extend(items)
                 if end is not None:
                     self._end = end
-                    self._buffer_ended()
                 loops = self._loops_to_wake()
             self._request_delivery(loops)
-
-    def _buffer_ended(self) -> None:
-        """The source ended: let it drop what the buffer holds if the end says so (lock held)."""
-        ending = getattr(self._source, "ending", None)
-        if ending is not None:
-            kept = ending(list(self.buffer))
-            if len(kept) != len(self.buffer):
-                self.buffer = deque(kept)
 
     def _wait_for_demand(self) -> int:
         """Block until coroutines want items; how many to read (0: the reader is done)."""
@@ -454,11 +449,6 @@ class Reader(_Hub, Generic[T]):
                 return 0
             self._reading = True
             return min(max(self._demand(), 1), self._max_batch)
-
-    def _giveback(self, items: list[T]) -> None:
-        giveback = getattr(self._source, "giveback", None)
-        if giveback is not None and items:
-            giveback(items)
 
     def end(self, exc: BaseException, *, discard: bool = False) -> list[T]:
         """End the channel for this process: waiters get the buffered items (none if ``discard``),
@@ -511,13 +501,6 @@ class Reader(_Hub, Generic[T]):
         stats = super().statistics()
         stats["buffered"] = len(self.buffer)
         return stats
-
-
-def _drain(fd: int) -> None:
-    try:
-        os.read(fd, _WAKE_DRAIN_BYTES)
-    except OSError:
-        pass
 
 
 # --------------------------------------------------------------------------------------------

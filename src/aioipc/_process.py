@@ -31,6 +31,7 @@ from . import _fork
 from ._connection import Connection, closed_end
 from ._exceptions import ProcessFailed
 from ._loops import LoopHandle, current_loop, wait_readable
+from ._wire import drain_wakeups
 
 __all__ = ["Process", "Watch", "Watcher", "describe_exit", "open_process", "watcher"]
 
@@ -210,7 +211,7 @@ class Watcher:
             with self._lock:
                 for fd, _ in events:
                     if fd == wake_r:
-                        _drain(wake_r)
+                        drain_wakeups(wake_r)
                         continue
                     fired = self._watching.pop(fd, None)
                     if fired is not None:
@@ -236,11 +237,6 @@ class Watcher:
             os.close(watch.fd)
             if watch.active:
                 watch.callback(watch, code)
-
-
-def _drain(fd: int) -> None:
-    with suppress(BlockingIOError):
-        os.read(fd, 4096)
 
 
 #: The one watcher thread of this process, shared by Process.wait (a second waiter) and supervision.

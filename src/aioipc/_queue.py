@@ -249,7 +249,9 @@ class Queue(AsyncResource, Generic[T]):
     def _setup(self, channel: SyncQueue[T] | _Foreign, prefetch: int, *, owner: bool) -> None:
         self._channel = channel
         self._prefetch = prefetch
-        self._reader: Reader[T] = Reader(channel, name="queue", prefetch=prefetch)
+        self._reader: Reader[T] = Reader(
+            channel, name="queue", prefetch=prefetch, giveback=channel.giveback
+        )
         self._writer = Writer("queue")
         self._joiner = Writer("join")
         self._checkpoints = Checkpointer()

@@ -353,6 +353,19 @@ class Wire:
         self._head = bytes(view[pos:end])
 
 
+#: Wake-up bytes read off a wake pipe at once: any number of pending wake-ups means "look".
+WAKE_DRAIN_BYTES = 4096
+
+
+def drain_wakeups(fd: int) -> None:
+    """Read and drop the wake-up bytes waiting in the non-blocking pipe ``fd`` (a thread's wake
+    pipe: how many there were does not matter)."""
+    try:
+        os.read(fd, WAKE_DRAIN_BYTES)
+    except OSError:  # none (EAGAIN), or the pipe was closed meanwhile
+        pass
+
+
 def read_exact(fd: int, n: int) -> bytes:
     """Read exactly ``n`` bytes from a blocking fd (EOFError on a clean end before any byte)."""
     chunks = []
