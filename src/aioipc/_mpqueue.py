@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import select
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing import context, util
 from multiprocessing.connection import Pipe
 from multiprocessing.reduction import ForkingPickler
@@ -38,11 +40,6 @@ from ._wire import (
     dumps,
     frame,
     read_available,
-    read_body,
-    read_exact,
-    read_frame,
-    read_into,
-    write_all,
 )
 
 T = TypeVar("T")
@@ -197,13 +194,16 @@ class _Owned:
 
     def acquire(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds (None: no limit) for the lock, in slices; replace a
-        holder that died between two items. Raises BrokenResourceError if it died inside one."""
+        holder that died between two items. Raises BrokenResourceError if it died inside one, or
+        (read and write locks) once any process found the stream cut."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
             if self._lock.acquire(True, max(wait, 0)):
                 self._state[self._holder] = self._pid
                 return True
+            if self._mid >= 0 and self._state[_BROKEN]:  # the stream is cut: nothing to wait for
+                raise broken_error(int(self._state[_BROKEN]), int(self._state[_BROKEN_SIDE]))
             if self.inherit():
                 return True
             if deadline is not None and time.monotonic() >= deadline:
@@ -256,6 +256,73 @@ def broken_error(pid: int, side: int) -> BrokenResourceError:
     )
 
 
+def _check_cut(state: Any, r: _Owned, w: _Owned) -> None:
+    """Raise :class:`aioipc.BrokenResourceError` if the queue's stream is cut: recorded so by any
+    process, or found so now (the holder of the read or write lock died inside an item; this
+    records it for every process). A holder that died between two items is replaced, and its
+    lock given back. Called by every waiter between two slices of its wait."""
+    pid = state[_BROKEN]
+    if pid:
+        raise broken_error(int(pid), int(state[_BROKEN_SIDE]))
+    for owned in (r, w):
+        if owned.inherit():
+            owned.release()
+
+
+def _read_watched(fd: int, view: memoryview, check: Callable[[], None]) -> None:
+    """Fill ``view`` from the queue's pipe (read lock held), waiting for the rest of an item in
+    slices: between two, ``check`` raises if the stream was cut (its writer died inside it)."""
+    poller: select.poll | None = None
+    while view:
+        n = read_available(fd, view)
+        if not n:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+            if not poller.poll(POLL_SLICE * 1000):
+                check()
+                continue
+            n = os.readv(fd, [view])
+            if not n:
+                raise OSError("got end of file during message")
+        view = view[n:]
+
+
+def _read_frame_watched(fd: int, check: Callable[[], None], head: bytes = b"") -> bytearray:
+    """One whole frame (after the ``head`` of its header, already read), waiting as
+    :func:`_read_watched` does."""
+    start = bytearray(HEADER.size)
+    start[: len(head)] = head
+    _read_watched(fd, memoryview(start)[len(head) :], check)
+    (size,) = HEADER.unpack(start)
+    if size == -1:
+        long = bytearray(LONG_HEADER.size)
+        _read_watched(fd, memoryview(long), check)
+        (size,) = LONG_HEADER.unpack(long)
+    elif size < 0:
+        raise OSError(f"bad item length {size}: the queue's stream is broken")
+    body = bytearray(size)
+    if size:
+        _read_watched(fd, memoryview(body), check)
+    return body
+
+
+def _write_watched(fd: int, buf: bytes | memoryview, check: Callable[[], None]) -> None:
+    """Write ``buf`` to the queue's non-blocking pipe (write lock held), waiting for room in
+    slices: between two, ``check`` raises if the stream was cut (nobody will read it again)."""
+    view = memoryview(buf)
+    poller: select.poll | None = None
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+            if not poller.poll(POLL_SLICE * 1000):
+                check()
+
+
 class _Partial:
     """A frame this process has started to read before all of it had arrived: the process keeps
     the read lock until the frame is whole (nobody else could find the next frame). ``head`` is
@@ -277,6 +344,9 @@ class _Feeder:
         self.join_at_exit = join_at_exit
         self._fd = queue._writer.fileno()
         self._w = queue._w
+        #: Raises if the stream is cut while this thread waits for room (the queue itself is not
+        #: referenced: the thread must not keep it alive).
+        self._check = functools.partial(_check_cut, queue._state, queue._r, queue._w)
         self._cond = threading.Condition(threading.Lock())
         self._buffer: collections.deque[memoryview | bytes] = collections.deque()
         #: Items taken from the buffer and not yet written.
@@ -333,13 +403,13 @@ class _Feeder:
         most PIPE_BUF bytes, each written whole or not at all, so the stream is at an item
         boundary whatever happens to this process; only a larger frame is "in an item" (a
         process killed while writing one cuts the stream)."""
-        fd, w = self._fd, self._w
+        fd, w, check = self._fd, self._w, self._check
         group: list[bytes | memoryview] = []
         size = 0
         for data in batch:
             n = len(data) + HEADER.size
             if size + n > PIPE_BUF and group:
-                _write_whole(fd, b"".join(group))
+                _write_whole(fd, b"".join(group), check)
                 group.clear()
                 size = 0
             if n <= PIPE_BUF:
@@ -347,10 +417,11 @@ class _Feeder:
                 size += n
             else:
                 w.begin_item()
-                write_all(fd, frame(data))
+                for chunk in frame(data):
+                    _write_watched(fd, chunk, check)
                 w.end_item()
         if group:
-            _write_whole(fd, b"".join(group))
+            _write_whole(fd, b"".join(group), check)
 
     @property
     def idle(self) -> bool:
@@ -475,8 +546,10 @@ class SyncQueue(Generic[T]):
         """Put ``obj`` into the queue, waiting for room if the queue is bounded and full.
 
         Raises :class:`aioipc.Full` if there is no room within ``timeout`` (or at once when
-        ``block`` is false), :class:`aioipc.ShutDown` if the queue was shut down, ``TypeError`` if
-        ``obj`` cannot be pickled, ``ValueError`` if this process closed the queue.
+        ``block`` is false), :class:`aioipc.ShutDown` if the queue was shut down,
+        :class:`aioipc.BrokenResourceError` naming the dead process if the queue's stream was cut
+        (before or while it waits), ``TypeError`` if ``obj`` cannot be pickled, ``ValueError`` if
+        this process closed the queue.
         """
         self._check_open()
         data = dumps(obj)
@@ -491,7 +564,8 @@ class SyncQueue(Generic[T]):
     def acquire_room(self, block: bool = True, timeout: float | None = None) -> bool:
         """Take a slot of a bounded queue, waiting up to ``timeout`` (always True when unbounded).
 
-        Raises :class:`aioipc.ShutDown` if the queue is shut down while waiting.
+        Raises :class:`aioipc.ShutDown` if the queue is shut down while waiting, and
+        :class:`aioipc.BrokenResourceError` if its stream is cut (nobody will make room again).
         """
         sem = self._sem
         if sem is None or sem.acquire(False):
@@ -501,6 +575,7 @@ class SyncQueue(Generic[T]):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._check_shutdown()
+            self._check_cut()
             wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
             if wait <= 0:
                 return False
@@ -557,9 +632,14 @@ class SyncQueue(Generic[T]):
         """Remove and return an item, waiting for one if needed.
 
         It waits for data without holding the queue's read lock; the lock is held only while an
-        item that has arrived is read. Raises :class:`aioipc.Empty` if none arrives within
-        ``timeout`` (or at once when ``block`` is false), :class:`aioipc.ShutDown` once the queue
-        is shut down and drained, ``ValueError`` if this process closed the queue.
+        item that has arrived is read. Raises :class:`aioipc.Empty` if no item has started to
+        arrive within ``timeout`` (or at once when ``block`` is false): an item whose first bytes
+        came in time is read whole, however long its live writer takes to write the rest (a
+        stopped writer holds it up; giving up in the middle would leave the stream cut).
+        Raises :class:`aioipc.ShutDown` once the queue is shut down and drained,
+        :class:`aioipc.BrokenResourceError` naming the dead process once the stream is cut (a
+        process died in the middle of writing or reading an item; seen by every process within
+        about 50 ms), ``ValueError`` if this process closed the queue.
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -587,6 +667,8 @@ class SyncQueue(Generic[T]):
             # while it waits holds nothing); once data is there, wait for the lock.
             readable = bool(poller.poll(wait * 1000))
             lock_wait = wait if readable else 0.0
+            if not readable:
+                self._check_cut()
         items, end = self.decode([data])
         if end is not None:
             try:
@@ -678,7 +760,8 @@ class SyncQueue(Generic[T]):
         return self._partial is not None
 
     def _finish_partial(self) -> Frame | None:
-        """Read the rest of the partly read frame (blocking), then release the read lock."""
+        """Read the rest of the partly read frame, then release the read lock. It waits as long
+        as the frame's writer lives; BrokenResourceError once the stream is cut."""
         with self._partial_lock:
             partial = self._partial
             if partial is None:  # another thread of this process finished it
@@ -686,14 +769,8 @@ class SyncQueue(Generic[T]):
             fd = self._fd
             try:
                 if partial.body is None:
-                    head = partial.head + read_exact(fd, HEADER.size - len(partial.head))
-                    (size,) = HEADER.unpack(head)
-                    if size == -1:
-                        (size,) = LONG_HEADER.unpack(read_exact(fd, LONG_HEADER.size))
-                    elif size < 0:
-                        raise OSError(f"bad item length {size}: the queue's stream is broken")
-                    return read_body(fd, size)
-                read_into(fd, memoryview(partial.body)[partial.got :])
+                    return _read_frame_watched(fd, self._check_cut, partial.head)
+                _read_watched(fd, memoryview(partial.body)[partial.got :], self._check_cut)
                 return partial.body
             finally:
                 self._partial = None
@@ -726,13 +803,14 @@ class SyncQueue(Generic[T]):
                 if not events:
                     if self._drained_after_shutdown():
                         return [], ShutDown()
+                    self._check_cut()
                     continue
                 if not self._r.acquire(POLL_SLICE):
                     continue
                 try:
                     if available(fd):
                         self._r.begin_item()
-                        frames.append(read_frame(fd))
+                        frames.append(_read_frame_watched(fd, self._check_cut))
                         self._read_more(fd, frames, max_items, max_bytes)
                 finally:
                     self._r.release()
@@ -746,12 +824,11 @@ class SyncQueue(Generic[T]):
                 # Prefetched items keep their slot of a bounded queue until a get hands them out.
                 return self.decode(frames, release_room=False)
 
-    @staticmethod
-    def _read_more(fd: int, frames: list[Frame], max_items: int, max_bytes: int) -> None:
+    def _read_more(self, fd: int, frames: list[Frame], max_items: int, max_bytes: int) -> None:
         """Add the frames that have started to arrive, up to the limits (read lock held)."""
         size = sum(len(f) for f in frames)
         while len(frames) < max_items and size < max_bytes and available(fd):
-            data = read_frame(fd)
+            data = _read_frame_watched(fd, self._check_cut)
             frames.append(data)
             size += len(data)
 
@@ -848,8 +925,11 @@ class SyncQueue(Generic[T]):
         if feeder is not None:
             self._uncount(feeder.discard())
         fd = self._reader.fileno()
-        if self._partial is not None and self._finish_partial() is not None:
-            self._uncount(1)
+        try:
+            if self._partial is not None and self._finish_partial() is not None:
+                self._uncount(1)
+        except BrokenResourceError:
+            return
         try:
             if not self._r.acquire(1.0):
                 return
@@ -858,10 +938,12 @@ class SyncQueue(Generic[T]):
         try:
             while available(fd):
                 self._r.begin_item()
-                data = read_frame(fd)
+                data = _read_frame_watched(fd, self._check_cut)
                 self._r.end_item()
                 if not _is_mark(data):
                     self._uncount(1)
+        except BrokenResourceError:  # the stream is cut: what is left cannot be read anyway
+            pass
         finally:
             self._r.release()
 
@@ -884,6 +966,11 @@ class SyncQueue(Generic[T]):
         pid = self._state[_BROKEN]
         if pid:
             raise broken_error(int(pid), int(self._state[_BROKEN_SIDE]))
+
+    def _check_cut(self) -> None:
+        """:meth:`_check_broken`, and look whether a holder of the read or write lock died inside
+        an item (a waiter calls it between two slices of its wait)."""
+        _check_cut(self._state, self._r, self._w)
 
     def recover(self) -> bool:
         """Give back the read and write locks of processes that died holding them between two
@@ -922,13 +1009,16 @@ class SyncQueue(Generic[T]):
         As in Python 3.13's queues, a shutdown does not end the wait by itself: an immediate one
         counts the items it discards as done, and items already handed out still need their
         :meth:`task_done`. The wait reads the shared count in short sleeps and holds no lock, so a
-        process killed while it waits here leaves nothing behind.
+        process killed while it waits here leaves nothing behind. Raises
+        :class:`aioipc.BrokenResourceError` if the queue's stream is cut while it waits (the items
+        lost with it will never be done).
         """
         if not self._joinable:
             raise ValueError("join() needs a JoinableQueue")
         deadline = None if timeout is None else time.monotonic() + timeout
         sleep = _JOIN_FIRST_SLEEP
         while not self.joined():
+            self._check_broken()
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -971,8 +1061,9 @@ class SyncQueue(Generic[T]):
             self._feeder.join_at_exit = False
 
 
-def _write_whole(fd: int, buf: bytes) -> None:
-    """Write at most PIPE_BUF bytes to the non-blocking pipe in one piece, waiting for room."""
+def _write_whole(fd: int, buf: bytes, check: Callable[[], None]) -> None:
+    """Write at most PIPE_BUF bytes to the non-blocking pipe in one piece, waiting for room in
+    slices (``check`` raises between two if the stream was cut)."""
     poller: select.poll | None = None
     while True:
         try:
@@ -982,7 +1073,8 @@ def _write_whole(fd: int, buf: bytes) -> None:
             if poller is None:
                 poller = select.poll()
                 poller.register(fd, select.POLLOUT)
-            poller.poll()
+            if not poller.poll(POLL_SLICE * 1000):
+                check()
 
 
 def _is_mark(data: Frame) -> bool:
