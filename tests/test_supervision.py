@@ -632,3 +632,37 @@ async def test_a_linked_producer_stopped_in_the_middle_of_an_item_keeps_its_lock
                 with pytest.raises(aioipc.ShutDown):  # every linked producer exited with 0
                     await q.get()
     q.close()
+
+
+def put_n_and_hang(q: aioipc.Queue[int], n: int, put: Any) -> None:
+    for i in range(n):
+        q.sync.put(i)  # the write lock is taken: each item goes to this process's feeder thread
+    put.set()
+    time.sleep(60)
+
+
+async def test_items_a_killed_producer_had_not_written_do_not_keep_the_queue_full() -> None:
+    # A SIGKILL loses what the producer's feeder thread had not written (as with
+    # multiprocessing.Queue), but the slots and counts of those items are freed: other putters
+    # find room, and join() does not wait for items that will never come.
+    q: aioipc.JoinableQueue[int] = aioipc.JoinableQueue(4, ctx=FORK)
+    put = FORK.Event()
+    w = q.sync._w  # type: ignore[attr-defined]
+    assert w.try_acquire()  # as a producer in the middle of a write
+    try:
+        producer = aioipc.Process(target=put_n_and_hang, args=(q, 4, put), ctx=FORK)
+        producer.start()
+        await wait_until_set(put)
+        assert q.full()
+        producer.kill()
+        assert await producer.wait() == -signal.SIGKILL
+    finally:
+        w.release()
+    with anyio.fail_after(5):
+        await q.put(42)
+        assert await q.get() == 42
+        q.task_done()
+        await q.join()
+    assert q.qsize() == 0
+    producer.close()
+    q.close()

@@ -61,7 +61,11 @@ _RHOLDER, _RMID, _WHOLDER, _WMID = 3, 4, 5, 6
 _BROKEN, _BROKEN_SIDE = 7, 8
 # Who holds the state lock (it is never held in the middle of an item).
 _SHOLDER = 9
-_STATE_SLOTS = 10
+# Records of the items each process handed to its feeder thread and has not written yet: pairs
+# (pid, count) from _FEEDERS on. Those items hold their slot of a bounded queue and are counted
+# as queued; a process that finds the owner of a record dead frees them (they died with it).
+_FEEDERS, _FEEDER_RECORDS = 10, 32
+_STATE_SLOTS = _FEEDERS + 2 * _FEEDER_RECORDS
 _READING, _WRITING = 1, 2
 _OPEN, _SHUT_GRACEFUL, _SHUT_IMMEDIATE = 0, 1, 2
 
@@ -344,11 +348,16 @@ class _Feeder:
         self.join_at_exit = join_at_exit
         self._fd = queue._writer.fileno()
         self._w = queue._w
+        self._state = queue._state
+        #: Where this process counts the items it holds unwritten (-1: not recorded, every record
+        #: being taken by a live process).
+        self._record = queue._claim_record()
         #: Raises if the stream is cut while this thread waits for room (the queue itself is not
         #: referenced: the thread must not keep it alive).
         self._check = functools.partial(_check_cut, queue._state, queue._r, queue._w)
         self._cond = threading.Condition(threading.Lock())
-        self._buffer: collections.deque[memoryview | bytes] = collections.deque()
+        #: Pickles to write, each with whether it is a counted item (not a marker).
+        self._buffer: collections.deque[tuple[memoryview | bytes, bool]] = collections.deque()
         #: Items taken from the buffer and not yet written.
         self._inflight = 0
         self._closing = False
@@ -361,14 +370,29 @@ class _Feeder:
         """Drop what was put and not yet written (an immediate shutdown); return how many items
         that was."""
         with self._cond:
-            n = sum(1 for data in self._buffer if not _is_mark(data))
+            n = sum(1 for _, counted in self._buffer if counted)
             self._buffer.clear()
+            self._unrecord(n)
         return n
 
-    def put(self, data: memoryview | bytes) -> None:
+    def put(self, data: memoryview | bytes, counted: bool) -> None:
+        """Hand a pickle to the thread; ``counted`` if it is an item (it holds a slot of a
+        bounded queue and is counted as queued), not a marker."""
         with self._cond:
-            self._buffer.append(data)
+            self._buffer.append((data, counted))
+            if counted and self._record >= 0:
+                self._state[self._record] += 1
             self._cond.notify()
+
+    def _unrecord(self, n: int) -> None:
+        """``n`` counted items left this process's hands (written, or discarded); cond held."""
+        if n and self._record >= 0:
+            self._state[self._record] -= n
+
+    def _written(self, n: int) -> None:
+        if n and self._record >= 0:
+            with self._cond:
+                self._unrecord(n)
 
     def _run(self) -> None:
         cond, buffer = self._cond, self._buffer
@@ -393,35 +417,41 @@ class _Feeder:
                 if isinstance(exc, OSError) and exc.errno not in (errno.EPIPE, errno.EBADF):
                     raise
                 with cond:
+                    self._unrecord(sum(1 for _, counted in buffer if counted))
+                    self._unrecord(sum(1 for _, counted in batch if counted))  # lost with it
                     buffer.clear()
                     self._closing = True
             finally:
                 self._inflight = 0
 
-    def _write(self, batch: list[memoryview | bytes]) -> None:
+    def _write(self, batch: list[tuple[memoryview | bytes, bool]]) -> None:
         """Write a batch of pickles as frames (write lock held). Small frames go in groups of at
         most PIPE_BUF bytes, each written whole or not at all, so the stream is at an item
         boundary whatever happens to this process; only a larger frame is "in an item" (a
         process killed while writing one cuts the stream)."""
         fd, w, check = self._fd, self._w, self._check
         group: list[bytes | memoryview] = []
-        size = 0
-        for data in batch:
+        size = counted_in_group = 0
+        for data, counted in batch:
             n = len(data) + HEADER.size
             if size + n > PIPE_BUF and group:
                 _write_whole(fd, b"".join(group), check)
+                self._written(counted_in_group)
                 group.clear()
-                size = 0
+                size = counted_in_group = 0
             if n <= PIPE_BUF:
                 group += frame(data)
                 size += n
+                counted_in_group += counted
             else:
                 w.begin_item()
                 for chunk in frame(data):
                     _write_watched(fd, chunk, check)
                 w.end_item()
+                self._written(counted)
         if group:
             _write_whole(fd, b"".join(group), check)
+            self._written(counted_in_group)
 
     @property
     def idle(self) -> bool:
@@ -501,6 +531,7 @@ class SyncQueue(Generic[T]):
 
     def _reset_local(self) -> None:
         """Forget this process's threads (at creation, unpickling, and in a forked child)."""
+        self._pid = os.getpid()
         self._feeder: _Feeder | None = None
         self._join_feeder_at_exit = True
         self._pipe_grown = False
@@ -576,6 +607,7 @@ class SyncQueue(Generic[T]):
         while True:
             self._check_shutdown()
             self._check_cut()
+            self._free_lost_items()
             wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
             if wait <= 0:
                 return False
@@ -600,9 +632,9 @@ class SyncQueue(Generic[T]):
             self._state[_COUNT] += 1
             if self._joinable:
                 self._state[_UNFINISHED] += 1
-        self._feed_raw(data)
+        self._feed_raw(data, counted=True)
 
-    def _feed_raw(self, data: memoryview | bytes) -> None:
+    def _feed_raw(self, data: memoryview | bytes, *, counted: bool = False) -> None:
         """Write a pickle to the pipe now if that cannot block, else hand it to the feeder."""
         if len(data) >= JOIN_MAX and not self._pipe_grown:
             _grow_pipe(self._writer.fileno())
@@ -624,7 +656,7 @@ class SyncQueue(Generic[T]):
                 self._w.release()
         if feeder is None:
             feeder = self._feeder = _Feeder(self, join_at_exit=self._join_feeder_at_exit)
-        feeder.put(data)
+        feeder.put(data, counted)
 
     # -- getting --
 
@@ -873,7 +905,7 @@ class SyncQueue(Generic[T]):
         for item in items:
             with self._s:
                 self._state[_COUNT] += 1
-            self._feed_raw(dumps(item))
+            self._feed_raw(dumps(item), counted=True)
 
     # -- size --
 
@@ -967,6 +999,43 @@ class SyncQueue(Generic[T]):
         if pid:
             raise broken_error(int(pid), int(self._state[_BROKEN_SIDE]))
 
+    def _claim_record(self) -> int:
+        """The index of this process's count of items handed to its feeder thread and not yet
+        written, in a record claimed now (one free, or left by a dead process with nothing
+        unwritten); -1 if every record belongs to a live process (those items are not recorded)."""
+        state = self._state
+        with self._s:
+            for at in range(_FEEDERS, _FEEDERS + 2 * _FEEDER_RECORDS, 2):
+                pid = int(state[at])
+                if pid == self._pid:  # an earlier feeder thread of this process
+                    return at + 1
+                if pid == 0 or (not state[at + 1] and not _alive(pid)):
+                    state[at], state[at + 1] = self._pid, 0
+                    return at + 1
+        return -1
+
+    def _free_lost_items(self) -> None:
+        """Free the slots and counts of items that a dead process had handed to its feeder thread
+        and not written: they died with it (as :meth:`multiprocessing.Queue.put` loses them), and
+        must not keep a bounded queue full, nor ``join()`` waiting, for ever."""
+        state = self._state
+        for at in range(_FEEDERS, _FEEDERS + 2 * _FEEDER_RECORDS, 2):
+            pid = int(state[at])
+            if pid == 0 or pid == self._pid or state[at + 1] <= 0 or _alive(pid):
+                continue
+            with self._s:
+                if state[at] != pid:  # another process freed them first
+                    continue
+                n = int(state[at + 1])
+                state[at], state[at + 1] = 0, 0
+                state[_COUNT] -= n
+                if self._joinable:
+                    state[_UNFINISHED] -= n
+            try:
+                self.release_room(n)
+            except ValueError:  # some were written after all (it died before it counted them)
+                pass
+
     def _check_cut(self) -> None:
         """:meth:`_check_broken`, and look whether a holder of the read or write lock died inside
         an item (a waiter calls it between two slices of its wait)."""
@@ -974,13 +1043,15 @@ class SyncQueue(Generic[T]):
 
     def recover(self) -> bool:
         """Give back the read and write locks of processes that died holding them between two
-        items; False if one died in the middle of an item (the stream is cut)."""
+        items, and the slots of the items they had not written; False if one died in the middle
+        of an item (the stream is cut)."""
         for owned in (self._s, self._r, self._w):
             try:
                 if owned.inherit():
                     owned.release()
             except BrokenResourceError:
                 return False
+        self._free_lost_items()
         return not self._state[_BROKEN]
 
     def _check_shutdown(self) -> None:
@@ -1019,6 +1090,7 @@ class SyncQueue(Generic[T]):
         sleep = _JOIN_FIRST_SLEEP
         while not self.joined():
             self._check_broken()
+            self._free_lost_items()
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
