@@ -619,7 +619,13 @@ class SyncQueue(Generic[T]):
         sem = self._sem
         if sem is not None:
             for _ in range(n):
-                sem.release()
+                try:
+                    sem.release()
+                except ValueError:
+                    # More slots freed than taken: a process killed just after it wrote items,
+                    # before it counted them written, had them freed as lost (see
+                    # _free_lost_items). The bound holds; one count too many is dropped.
+                    break
 
     def feed(self, data: memoryview | bytes) -> None:
         """Count a pickled item (whose slot is taken) as queued and hand it to the feeder."""
@@ -1031,10 +1037,7 @@ class SyncQueue(Generic[T]):
                 state[_COUNT] -= n
                 if self._joinable:
                     state[_UNFINISHED] -= n
-            try:
-                self.release_room(n)
-            except ValueError:  # some were written after all (it died before it counted them)
-                pass
+            self.release_room(n)
 
     def _check_cut(self) -> None:
         """:meth:`_check_broken`, and look whether a holder of the read or write lock died inside
