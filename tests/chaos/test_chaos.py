@@ -314,6 +314,8 @@ async def run_round(loop: str, rng: random.Random) -> Figures:
 
     # -- the verdict --
     problems = figures.problems
+    # A victim that had finished as the signal came exited with 0: it was not killed.
+    killed = {i for i in killed if everyone[i].exitcode != 0}
     killed_pids = {everyone[i].pid for i in killed}
     figures.killed_producers = sum(1 for i in killed if i < PRODUCERS)
     figures.killed_consumers = sum(1 for i in killed if i >= PRODUCERS)
