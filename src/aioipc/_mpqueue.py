@@ -418,7 +418,6 @@ class _Feeder:
                     raise
                 with cond:
                     self._unrecord(sum(1 for _, counted in buffer if counted))
-                    self._unrecord(sum(1 for _, counted in batch if counted))  # lost with it
                     buffer.clear()
                     self._closing = True
             finally:
