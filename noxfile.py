@@ -2,7 +2,8 @@
 
 ``nox -s tests`` runs the test suite on each supported Python found on PATH;
 ``nox -s tests-3.10 -- tests/test_api.py`` runs some tests on one. ``nox -s lint types docs``
-runs the checks that do not depend on the Python version.
+runs the checks that do not depend on the Python version. ``nox -s chaos`` runs the chaos test
+(``tests/chaos``), which the default run leaves out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ def tests(session: nox.Session) -> None:
     """The test suite (or the tests given after ``--``)."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(python=PYTHONS[-1])
+def chaos(session: nox.Session) -> None:
+    """The chaos test, not part of ``tests``: producer and consumer processes paused and killed at
+    random on each event loop, checked for lost, doubled or reordered items and for waits past a
+    bound. It prints its seed; ``CHAOS_SEED=N nox -s chaos`` replays it, ``CHAOS_ROUNDS=N`` sets
+    the rounds per event loop."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "tests/chaos", "-q", *session.posargs)
 
 
 @nox.session(python=PYTHONS[-1])

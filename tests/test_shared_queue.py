@@ -384,6 +384,45 @@ async def test_a_consumer_killed_while_waiting_blocks_no_other(ctx: Any, face: s
             assert await anyio.to_thread.run_sync(queue.sync.get, True, 10) == 7
 
 
+def wait_in_join(face: str, queue: aioipc.JoinableQueue[int], waiting: Any) -> None:
+    waiting.set()
+    if face == "sync":
+        queue.sync.join()  # type: ignore[attr-defined]
+    else:
+
+        async def main() -> None:
+            await queue.join()
+
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+async def test_a_process_killed_while_waiting_in_join_wedges_nothing(face: str) -> None:
+    ctx = multiprocessing.get_context("fork")
+    waiting = ctx.Event()
+    async with aioipc.JoinableQueue[int](ctx=ctx) as queue:
+        for i in range(3):
+            await queue.put(i)
+        victim = start(ctx, wait_in_join, face, queue, waiting)
+        await anyio.to_thread.run_sync(waiting.wait, 20)
+        await anyio.sleep(0.2)  # let it settle in its join
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        assert await join(victim) == -signal.SIGKILL
+        with anyio.fail_after(10):
+            assert [await queue.get() for _ in range(3)] == [0, 1, 2]
+            for _ in range(3):
+                queue.task_done()
+            await queue.join()
+            await queue.put(3)
+            assert await anyio.to_thread.run_sync(queue.sync.get, True, 5) == 3
+            queue.task_done()
+            await queue.join()
+            queue.shutdown()
+            with pytest.raises(aioipc.ShutDown):
+                await queue.get()
+
+
 # -- several event loops in one process --
 
 

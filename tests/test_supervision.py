@@ -17,6 +17,7 @@ import pytest
 from _helpers import fds_back_to, open_fds, wait_until_set
 
 import aioipc
+from aioipc._mpqueue import _BROKEN, _WHOLDER, _WMID
 
 pytestmark = pytest.mark.anyio
 
@@ -441,3 +442,227 @@ async def test_a_writer_killed_holding_the_write_lock_is_replaced_while_a_blocki
     holder.close()
     q.close()
     report.close()
+
+
+# -- a cut stream ends every waiter, in every process --
+
+
+def _stat_state(pid: int) -> bytes:
+    """The process state letter in /proc (R, S, T for stopped, Z...)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()[0]
+
+
+async def stop_in_the_middle_of_an_item(q: aioipc.Queue[Any], pid: int) -> None:
+    """SIGSTOP process ``pid`` once it is in the middle of writing an item (holding the queue's
+    write lock); retry with its next item if it finished this one before the signal landed."""
+    state = q.sync._state  # type: ignore[attr-defined]
+    with anyio.fail_after(20):
+        while True:
+            while not (state[_WHOLDER] == pid and state[_WMID]):
+                await anyio.sleep(0.0005)
+            os.kill(pid, signal.SIGSTOP)
+            while _stat_state(pid) != b"T":
+                await anyio.sleep(0.001)
+            if state[_WHOLDER] == pid and state[_WMID]:
+                return
+            os.kill(pid, signal.SIGCONT)
+
+
+def put_large_items(q: aioipc.Queue[bytes], size: int, n: int) -> None:
+    for _ in range(n):
+        q.sync.put(b"x" * size)
+
+
+def get_blocking_until_error(q: aioipc.Queue[Any], waiting: Any, report: aioipc.Queue[Any]) -> None:
+    waiting.set()
+    try:
+        while True:
+            q.sync.get(timeout=4)
+    except Exception as exc:
+        report.sync.put(("blocking", type(exc).__name__, str(exc), time.monotonic()))
+
+
+def get_async_until_error(q: aioipc.Queue[Any], waiting: Any, report: aioipc.Queue[Any]) -> None:
+    async def main() -> None:
+        waiting.set()
+        try:
+            while True:
+                with anyio.fail_after(4):
+                    await q.get()
+        except Exception as exc:
+            await report.put(("async", type(exc).__name__, str(exc), time.monotonic()))
+
+    anyio.run(main)
+
+
+async def test_a_producer_killed_in_the_middle_of_an_item_ends_the_getters_of_every_process() -> (
+    None
+):
+    # Not linked: the queue itself tells. Whichever consumer reads the cut item, both raise.
+    q: aioipc.Queue[Any] = aioipc.Queue(ctx=FORK)
+    report: aioipc.Queue[Any] = aioipc.Queue(ctx=FORK)
+    waiting = [FORK.Event(), FORK.Event()]
+    async with (
+        aioipc.open_process(get_blocking_until_error, q, waiting[0], report, ctx=FORK),
+        aioipc.open_process(get_async_until_error, q, waiting[1], report, ctx=FORK),
+    ):
+        for event in waiting:
+            await wait_until_set(event)
+        producer = aioipc.Process(target=put_large_items, args=(q, 32 << 20, 50), ctx=FORK)
+        producer.start()
+        assert producer.pid is not None
+        await stop_in_the_middle_of_an_item(q, producer.pid)
+        producer.kill()
+        killed_at = time.monotonic()
+        assert await producer.wait() == -signal.SIGKILL
+        with anyio.fail_after(20):
+            outcomes = sorted([await report.get(), await report.get()])
+    assert [(kind, error) for kind, error, _, _ in outcomes] == [
+        ("async", "BrokenResourceError"),
+        ("blocking", "BrokenResourceError"),
+    ]
+    for _, _, message, raised_at in outcomes:
+        assert f"(pid {producer.pid}) died in the middle of writing an item" in message
+        assert raised_at - killed_at < 5  # about 50 ms: one slice of the waiters' polls
+    producer.close()
+    q.close()
+    report.close()
+
+
+def put_until_error(face: str, q: aioipc.Queue[Any], ready: Any, report: aioipc.Queue[Any]) -> None:
+    async def put_async() -> None:
+        while True:
+            with anyio.fail_after(10):
+                await q.put("small")
+
+    try:
+        ready.set()
+        if face == "async":
+            anyio.run(put_async)
+        while True:
+            q.sync.put("small", timeout=10)
+    except Exception as exc:
+        report.sync.put((face, type(exc).__name__, str(exc), time.monotonic()))
+    q.sync.cancel_join_thread()  # nobody will read its items
+
+
+async def test_putters_waiting_for_room_raise_once_the_stream_is_cut() -> None:
+    # Nobody reads: the large item stays half written, the queue full. Killing its writer cuts
+    # the stream, so no room will ever come: the waiting putters raise instead of waiting.
+    q: aioipc.Queue[Any] = aioipc.Queue(2, ctx=FORK)
+    report: aioipc.Queue[Any] = aioipc.Queue(ctx=FORK)
+    ready = [FORK.Event(), FORK.Event()]
+    producer = aioipc.Process(target=put_large_items, args=(q, 8 << 20, 1), ctx=FORK)
+    producer.start()
+    state = q.sync._state  # type: ignore[attr-defined]
+    with anyio.fail_after(20):
+        while not (state[_WHOLDER] == producer.pid and state[_WMID]):
+            await anyio.sleep(0.001)
+    async with (
+        aioipc.open_process(put_until_error, "sync", q, ready[0], report, ctx=FORK),
+        aioipc.open_process(put_until_error, "async", q, ready[1], report, ctx=FORK),
+    ):
+        for event in ready:
+            await wait_until_set(event)
+        await anyio.sleep(0.2)  # let them settle in their wait for room
+        producer.kill()
+        killed_at = time.monotonic()
+        with anyio.fail_after(20):
+            outcomes = sorted([await report.get(), await report.get()])
+    assert [(face, error) for face, error, _, _ in outcomes] == [
+        ("async", "BrokenResourceError"),
+        ("sync", "BrokenResourceError"),
+    ]
+    for _, _, message, raised_at in outcomes:
+        assert f"(pid {producer.pid}) died in the middle of writing an item" in message
+        assert raised_at - killed_at < 5
+    assert await producer.wait() == -signal.SIGKILL
+    producer.close()
+    q.close()
+    report.close()
+
+
+def put_items_then_wait(q: aioipc.Queue[Any], n: int, put: Any, go: Any) -> None:
+    for i in range(n):
+        q.sync.put(i)
+    q.sync.close()  # every item is in the pipe
+    put.set()
+    go.wait(30)
+
+
+def put_large_then_small(q: aioipc.Queue[Any], size: int) -> None:
+    q.sync.put(b"x" * size)
+    q.sync.put("after")
+
+
+async def test_a_linked_producer_stopped_in_the_middle_of_an_item_keeps_its_lock_while_another_exits() -> (  # noqa: E501
+    None
+):
+    q: aioipc.Queue[Any] = aioipc.Queue(ctx=FORK)
+    put, go = FORK.Event(), FORK.Event()
+    size = 8 << 20  # larger than the pipe: nobody reads yet, so it stays half written
+    state = q.sync._state  # type: ignore[attr-defined]
+    async with (
+        aioipc.open_process(put_items_then_wait, q, 5, put, go, ctx=FORK) as quitter,
+    ):
+        await wait_until_set(put)
+        async with aioipc.open_process(put_large_then_small, q, size, ctx=FORK) as stopped:
+            q.link(quitter, stopped)
+            assert stopped.pid is not None
+            with anyio.fail_after(20):
+                while not (state[_WHOLDER] == stopped.pid and state[_WMID]):
+                    await anyio.sleep(0.001)
+            os.kill(stopped.pid, signal.SIGSTOP)
+            try:
+                go.set()
+                assert await quitter.wait() == 0  # the supervision looks at the locks now
+                await anyio.sleep(0.3)
+                assert [await q.get() for _ in range(5)] == list(range(5))
+                with anyio.move_on_after(0.5) as scope:
+                    await q.get()  # its first bytes are there; the rest waits for the writer
+                assert scope.cancelled_caught
+                assert state[_BROKEN] == 0
+                assert state[_WHOLDER] == stopped.pid  # it keeps its lock
+            finally:
+                os.kill(stopped.pid, signal.SIGCONT)
+            with anyio.fail_after(20):
+                assert await q.get() == b"x" * size
+                assert await q.get() == "after"
+                with pytest.raises(aioipc.ShutDown):  # every linked producer exited with 0
+                    await q.get()
+    q.close()
+
+
+def put_n_and_hang(q: aioipc.Queue[int], n: int, put: Any) -> None:
+    for i in range(n):
+        q.sync.put(i)  # the write lock is taken: each item goes to this process's feeder thread
+    put.set()
+    time.sleep(60)
+
+
+async def test_items_a_killed_producer_had_not_written_do_not_keep_the_queue_full() -> None:
+    # A SIGKILL loses what the producer's feeder thread had not written (as with
+    # multiprocessing.Queue), but the slots and counts of those items are freed: other putters
+    # find room, and join() does not wait for items that will never come.
+    q: aioipc.JoinableQueue[int] = aioipc.JoinableQueue(4, ctx=FORK)
+    put = FORK.Event()
+    w = q.sync._w  # type: ignore[attr-defined]
+    assert w.try_acquire()  # as a producer in the middle of a write
+    try:
+        producer = aioipc.Process(target=put_n_and_hang, args=(q, 4, put), ctx=FORK)
+        producer.start()
+        await wait_until_set(put)
+        assert q.full()
+        producer.kill()
+        assert await producer.wait() == -signal.SIGKILL
+    finally:
+        w.release()
+    with anyio.fail_after(5):
+        await q.put(42)
+        assert await q.get() == 42
+        q.task_done()
+        await q.join()
+    assert q.qsize() == 0
+    producer.close()
+    q.close()

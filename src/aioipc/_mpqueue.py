@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import os
 import select
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from multiprocessing import context, util
 from multiprocessing.connection import Pipe
 from multiprocessing.reduction import ForkingPickler
@@ -40,11 +42,6 @@ from ._wire import (
     dumps,
     frame,
     read_available,
-    read_body,
-    read_exact,
-    read_frame,
-    read_into,
-    write_all,
 )
 
 T = TypeVar("T")
@@ -63,7 +60,11 @@ _RHOLDER, _RMID, _WHOLDER, _WMID = 3, 4, 5, 6
 _BROKEN, _BROKEN_SIDE = 7, 8
 # Who holds the state lock (it is never held in the middle of an item).
 _SHOLDER = 9
-_STATE_SLOTS = 10
+# Records of the items each process handed to its feeder thread and has not written yet: pairs
+# (pid, count) from _FEEDERS on. Those items hold their slot of a bounded queue and are counted
+# as queued; a process that finds the owner of a record dead frees them (they died with it).
+_FEEDERS, _FEEDER_RECORDS = 10, 32
+_STATE_SLOTS = _FEEDERS + 2 * _FEEDER_RECORDS
 _READING, _WRITING = 1, 2
 _OPEN, _SHUT_GRACEFUL, _SHUT_IMMEDIATE = 0, 1, 2
 
@@ -196,13 +197,16 @@ class _Owned:
 
     def acquire(self, timeout: float | None) -> bool:
         """Wait up to ``timeout`` seconds (None: no limit) for the lock, in slices; replace a
-        holder that died between two items. Raises BrokenResourceError if it died inside one."""
+        holder that died between two items. Raises BrokenResourceError if it died inside one, or
+        (read and write locks) once any process found the stream cut."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
             if self._lock.acquire(True, max(wait, 0)):
                 self._state[self._holder] = self._pid
                 return True
+            if self._mid >= 0 and self._state[_BROKEN]:  # the stream is cut: nothing to wait for
+                raise broken_error(int(self._state[_BROKEN]), int(self._state[_BROKEN_SIDE]))
             if self.inherit():
                 return True
             if deadline is not None and time.monotonic() >= deadline:
@@ -255,6 +259,73 @@ def broken_error(pid: int, side: int) -> BrokenResourceError:
     )
 
 
+def _check_cut(state: Any, r: _Owned, w: _Owned) -> None:
+    """Raise :class:`aioipc.BrokenResourceError` if the queue's stream is cut: recorded so by any
+    process, or found so now (the holder of the read or write lock died inside an item; this
+    records it for every process). A holder that died between two items is replaced, and its
+    lock given back. Called by every waiter between two slices of its wait."""
+    pid = state[_BROKEN]
+    if pid:
+        raise broken_error(int(pid), int(state[_BROKEN_SIDE]))
+    for owned in (r, w):
+        if owned.inherit():
+            owned.release()
+
+
+def _read_watched(fd: int, view: memoryview, check: Callable[[], None]) -> None:
+    """Fill ``view`` from the queue's pipe (read lock held), waiting for the rest of an item in
+    slices: between two, ``check`` raises if the stream was cut (its writer died inside it)."""
+    poller: select.poll | None = None
+    while view:
+        n = read_available(fd, view)
+        if not n:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+            if not poller.poll(POLL_SLICE * 1000):
+                check()
+                continue
+            n = os.readv(fd, [view])
+            if not n:
+                raise OSError("got end of file during message")
+        view = view[n:]
+
+
+def _read_frame_watched(fd: int, check: Callable[[], None], head: bytes = b"") -> bytearray:
+    """One whole frame (after the ``head`` of its header, already read), waiting as
+    :func:`_read_watched` does."""
+    start = bytearray(HEADER.size)
+    start[: len(head)] = head
+    _read_watched(fd, memoryview(start)[len(head) :], check)
+    (size,) = HEADER.unpack(start)
+    if size == -1:
+        long = bytearray(LONG_HEADER.size)
+        _read_watched(fd, memoryview(long), check)
+        (size,) = LONG_HEADER.unpack(long)
+    elif size < 0:
+        raise OSError(f"bad item length {size}: the queue's stream is broken")
+    body = bytearray(size)
+    if size:
+        _read_watched(fd, memoryview(body), check)
+    return body
+
+
+def _write_watched(fd: int, buf: bytes | memoryview, check: Callable[[], None]) -> None:
+    """Write ``buf`` to the queue's non-blocking pipe (write lock held), waiting for room in
+    slices: between two, ``check`` raises if the stream was cut (nobody will read it again)."""
+    view = memoryview(buf)
+    poller: select.poll | None = None
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+            if not poller.poll(POLL_SLICE * 1000):
+                check()
+
+
 class _Partial:
     """A frame this process has started to read before all of it had arrived: the process keeps
     the read lock until the frame is whole (nobody else could find the next frame). ``head`` is
@@ -276,8 +347,16 @@ class _Feeder:
         self.join_at_exit = join_at_exit
         self._fd = queue._writer.fileno()
         self._w = queue._w
+        self._state = queue._state
+        #: Where this process counts the items it holds unwritten (-1: not recorded, every record
+        #: being taken by a live process).
+        self._record = queue._claim_record()
+        #: Raises if the stream is cut while this thread waits for room (the queue itself is not
+        #: referenced: the thread must not keep it alive).
+        self._check = functools.partial(_check_cut, queue._state, queue._r, queue._w)
         self._cond = threading.Condition(threading.Lock())
-        self._buffer: collections.deque[memoryview | bytes] = collections.deque()
+        #: Pickles to write, each with whether it is a counted item (not a marker).
+        self._buffer: collections.deque[tuple[memoryview | bytes, bool]] = collections.deque()
         #: Items taken from the buffer and not yet written.
         self._inflight = 0
         self._closing = False
@@ -290,14 +369,29 @@ class _Feeder:
         """Drop what was put and not yet written (an immediate shutdown); return how many items
         that was."""
         with self._cond:
-            n = sum(1 for data in self._buffer if not _is_mark(data))
+            n = sum(1 for _, counted in self._buffer if counted)
             self._buffer.clear()
+            self._unrecord(n)
         return n
 
-    def put(self, data: memoryview | bytes) -> None:
+    def put(self, data: memoryview | bytes, counted: bool) -> None:
+        """Hand a pickle to the thread; ``counted`` if it is an item (it holds a slot of a
+        bounded queue and is counted as queued), not a marker."""
         with self._cond:
-            self._buffer.append(data)
+            self._buffer.append((data, counted))
+            if counted and self._record >= 0:
+                self._state[self._record] += 1
             self._cond.notify()
+
+    def _unrecord(self, n: int) -> None:
+        """``n`` counted items left this process's hands (written, or discarded); cond held."""
+        if n and self._record >= 0:
+            self._state[self._record] -= n
+
+    def _written(self, n: int) -> None:
+        if n and self._record >= 0:
+            with self._cond:
+                self._unrecord(n)
 
     def _run(self) -> None:
         cond, buffer = self._cond, self._buffer
@@ -322,34 +416,40 @@ class _Feeder:
                 if isinstance(exc, OSError) and exc.errno not in (errno.EPIPE, errno.EBADF):
                     raise
                 with cond:
+                    self._unrecord(sum(1 for _, counted in buffer if counted))
                     buffer.clear()
                     self._closing = True
             finally:
                 self._inflight = 0
 
-    def _write(self, batch: list[memoryview | bytes]) -> None:
+    def _write(self, batch: list[tuple[memoryview | bytes, bool]]) -> None:
         """Write a batch of pickles as frames (write lock held). Small frames go in groups of at
         most PIPE_BUF bytes, each written whole or not at all, so the stream is at an item
         boundary whatever happens to this process; only a larger frame is "in an item" (a
         process killed while writing one cuts the stream)."""
-        fd, w = self._fd, self._w
+        fd, w, check = self._fd, self._w, self._check
         group: list[bytes | memoryview] = []
-        size = 0
-        for data in batch:
+        size = counted_in_group = 0
+        for data, counted in batch:
             n = len(data) + HEADER.size
             if size + n > PIPE_BUF and group:
-                _write_whole(fd, b"".join(group))
+                _write_whole(fd, b"".join(group), check)
+                self._written(counted_in_group)
                 group.clear()
-                size = 0
+                size = counted_in_group = 0
             if n <= PIPE_BUF:
                 group += frame(data)
                 size += n
+                counted_in_group += counted
             else:
                 w.begin_item()
-                write_all(fd, frame(data))
+                for chunk in frame(data):
+                    _write_watched(fd, chunk, check)
                 w.end_item()
+                self._written(counted)
         if group:
-            _write_whole(fd, b"".join(group))
+            _write_whole(fd, b"".join(group), check)
+            self._written(counted_in_group)
 
     @property
     def idle(self) -> bool:
@@ -429,6 +529,7 @@ class SyncQueue(Generic[T]):
 
     def _reset_local(self) -> None:
         """Forget this process's threads (at creation, unpickling, and in a forked child)."""
+        self._pid = os.getpid()
         self._feeder: _Feeder | None = None
         self._join_feeder_at_exit = True
         self._pipe_grown = False
@@ -474,8 +575,10 @@ class SyncQueue(Generic[T]):
         """Put ``obj`` into the queue, waiting for room if the queue is bounded and full.
 
         Raises :class:`aioipc.Full` if there is no room within ``timeout`` (or at once when
-        ``block`` is false), :class:`aioipc.ShutDown` if the queue was shut down, ``TypeError`` if
-        ``obj`` cannot be pickled, ``ValueError`` if this process closed the queue.
+        ``block`` is false), :class:`aioipc.ShutDown` if the queue was shut down,
+        :class:`aioipc.BrokenResourceError` naming the dead process if the queue's stream was cut
+        (before or while it waits), ``TypeError`` if ``obj`` cannot be pickled, ``ValueError`` if
+        this process closed the queue.
         """
         self._check_open()
         data = dumps(obj)
@@ -490,7 +593,8 @@ class SyncQueue(Generic[T]):
     def acquire_room(self, block: bool = True, timeout: float | None = None) -> bool:
         """Take a slot of a bounded queue, waiting up to ``timeout`` (always True when unbounded).
 
-        Raises :class:`aioipc.ShutDown` if the queue is shut down while waiting.
+        Raises :class:`aioipc.ShutDown` if the queue is shut down while waiting, and
+        :class:`aioipc.BrokenResourceError` if its stream is cut (nobody will make room again).
         """
         sem = self._sem
         if sem is None or sem.acquire(False):
@@ -500,6 +604,8 @@ class SyncQueue(Generic[T]):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._check_shutdown()
+            self._check_cut()
+            self._free_lost_items()
             wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
             if wait <= 0:
                 return False
@@ -511,7 +617,13 @@ class SyncQueue(Generic[T]):
         sem = self._sem
         if sem is not None:
             for _ in range(n):
-                sem.release()
+                try:
+                    sem.release()
+                except ValueError:
+                    # More slots freed than taken: a process killed just after it wrote items,
+                    # before it counted them written, had them freed as lost (see
+                    # _free_lost_items). The bound holds; one count too many is dropped.
+                    break
 
     def feed(self, data: memoryview | bytes) -> None:
         """Count a pickled item (whose slot is taken) as queued and hand it to the feeder."""
@@ -524,9 +636,9 @@ class SyncQueue(Generic[T]):
             self._state[_COUNT] += 1
             if self._joinable:
                 self._state[_UNFINISHED] += 1
-        self._feed_raw(data)
+        self._feed_raw(data, counted=True)
 
-    def _feed_raw(self, data: memoryview | bytes) -> None:
+    def _feed_raw(self, data: memoryview | bytes, *, counted: bool = False) -> None:
         """Write a pickle to the pipe now if that cannot block, else hand it to the feeder."""
         if len(data) >= JOIN_MAX and not self._pipe_grown:
             _grow_pipe(self._writer.fileno())
@@ -548,7 +660,7 @@ class SyncQueue(Generic[T]):
                 self._w.release()
         if feeder is None:
             feeder = self._feeder = _Feeder(self, join_at_exit=self._join_feeder_at_exit)
-        feeder.put(data)
+        feeder.put(data, counted)
 
     # -- getting --
 
@@ -556,9 +668,14 @@ class SyncQueue(Generic[T]):
         """Remove and return an item, waiting for one if needed.
 
         It waits for data without holding the queue's read lock; the lock is held only while an
-        item that has arrived is read. Raises :class:`aioipc.Empty` if none arrives within
-        ``timeout`` (or at once when ``block`` is false), :class:`aioipc.ShutDown` once the queue
-        is shut down and drained, ``ValueError`` if this process closed the queue.
+        item that has arrived is read. Raises :class:`aioipc.Empty` if no item has started to
+        arrive within ``timeout`` (or at once when ``block`` is false): an item whose first bytes
+        came in time is read whole, however long its live writer takes to write the rest (a
+        stopped writer holds it up; giving up in the middle would leave the stream cut).
+        Raises :class:`aioipc.ShutDown` once the queue is shut down and drained,
+        :class:`aioipc.BrokenResourceError` naming the dead process once the stream is cut (a
+        process died in the middle of writing or reading an item; seen by every process within
+        about 50 ms), ``ValueError`` if this process closed the queue.
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -586,6 +703,8 @@ class SyncQueue(Generic[T]):
             # while it waits holds nothing); once data is there, wait for the lock.
             readable = bool(poller.poll(wait * 1000))
             lock_wait = wait if readable else 0.0
+            if not readable:
+                self._check_cut()
         items, end = self.decode([data])
         if end is not None:
             try:
@@ -677,7 +796,8 @@ class SyncQueue(Generic[T]):
         return self._partial is not None
 
     def _finish_partial(self) -> Frame | None:
-        """Read the rest of the partly read frame (blocking), then release the read lock."""
+        """Read the rest of the partly read frame, then release the read lock. It waits as long
+        as the frame's writer lives; BrokenResourceError once the stream is cut."""
         with self._partial_lock:
             partial = self._partial
             if partial is None:  # another thread of this process finished it
@@ -685,14 +805,8 @@ class SyncQueue(Generic[T]):
             fd = self._fd
             try:
                 if partial.body is None:
-                    head = partial.head + read_exact(fd, HEADER.size - len(partial.head))
-                    (size,) = HEADER.unpack(head)
-                    if size == -1:
-                        (size,) = LONG_HEADER.unpack(read_exact(fd, LONG_HEADER.size))
-                    elif size < 0:
-                        raise OSError(f"bad item length {size}: the queue's stream is broken")
-                    return read_body(fd, size)
-                read_into(fd, memoryview(partial.body)[partial.got :])
+                    return _read_frame_watched(fd, self._check_cut, partial.head)
+                _read_watched(fd, memoryview(partial.body)[partial.got :], self._check_cut)
                 return partial.body
             finally:
                 self._partial = None
@@ -725,13 +839,14 @@ class SyncQueue(Generic[T]):
                 if not events:
                     if self._drained_after_shutdown():
                         return [], ShutDown()
+                    self._check_cut()
                     continue
                 if not self._r.acquire(POLL_SLICE):
                     continue
                 try:
                     if available(fd):
                         self._r.begin_item()
-                        frames.append(read_frame(fd))
+                        frames.append(_read_frame_watched(fd, self._check_cut))
                         self._read_more(fd, frames, max_items, max_bytes)
                 finally:
                     self._r.release()
@@ -745,12 +860,11 @@ class SyncQueue(Generic[T]):
                 # Prefetched items keep their slot of a bounded queue until a get hands them out.
                 return self.decode(frames, release_room=False)
 
-    @staticmethod
-    def _read_more(fd: int, frames: list[Frame], max_items: int, max_bytes: int) -> None:
+    def _read_more(self, fd: int, frames: list[Frame], max_items: int, max_bytes: int) -> None:
         """Add the frames that have started to arrive, up to the limits (read lock held)."""
         size = sum(len(f) for f in frames)
         while len(frames) < max_items and size < max_bytes and available(fd):
-            data = read_frame(fd)
+            data = _read_frame_watched(fd, self._check_cut)
             frames.append(data)
             size += len(data)
 
@@ -795,7 +909,7 @@ class SyncQueue(Generic[T]):
         for item in items:
             with self._s:
                 self._state[_COUNT] += 1
-            self._feed_raw(dumps(item))
+            self._feed_raw(dumps(item), counted=True)
 
     # -- size --
 
@@ -847,8 +961,11 @@ class SyncQueue(Generic[T]):
         if feeder is not None:
             self._uncount(feeder.discard())
         fd = self._reader.fileno()
-        if self._partial is not None and self._finish_partial() is not None:
-            self._uncount(1)
+        try:
+            if self._partial is not None and self._finish_partial() is not None:
+                self._uncount(1)
+        except BrokenResourceError:
+            return
         try:
             if not self._r.acquire(1.0):
                 return
@@ -857,10 +974,12 @@ class SyncQueue(Generic[T]):
         try:
             while available(fd):
                 self._r.begin_item()
-                data = read_frame(fd)
+                data = _read_frame_watched(fd, self._check_cut)
                 self._r.end_item()
                 if not _is_mark(data):
                     self._uncount(1)
+        except BrokenResourceError:  # the stream is cut: what is left cannot be read anyway
+            pass
         finally:
             self._r.release()
 
@@ -884,15 +1003,56 @@ class SyncQueue(Generic[T]):
         if pid:
             raise broken_error(int(pid), int(self._state[_BROKEN_SIDE]))
 
+    def _claim_record(self) -> int:
+        """The index of this process's count of items handed to its feeder thread and not yet
+        written, in a record claimed now (one free, or left by a dead process with nothing
+        unwritten); -1 if every record belongs to a live process (those items are not recorded)."""
+        state = self._state
+        with self._s:
+            for at in range(_FEEDERS, _FEEDERS + 2 * _FEEDER_RECORDS, 2):
+                pid = int(state[at])
+                if pid == self._pid:  # an earlier feeder thread of this process
+                    return at + 1
+                if pid == 0 or (not state[at + 1] and not _alive(pid)):
+                    state[at], state[at + 1] = self._pid, 0
+                    return at + 1
+        return -1
+
+    def _free_lost_items(self) -> None:
+        """Free the slots and counts of items that a dead process had handed to its feeder thread
+        and not written: they died with it (as :meth:`multiprocessing.Queue.put` loses them), and
+        must not keep a bounded queue full, nor ``join()`` waiting, for ever."""
+        state = self._state
+        for at in range(_FEEDERS, _FEEDERS + 2 * _FEEDER_RECORDS, 2):
+            pid = int(state[at])
+            if pid == 0 or pid == self._pid or state[at + 1] <= 0 or _alive(pid):
+                continue
+            with self._s:
+                if state[at] != pid:  # another process freed them first
+                    continue
+                n = int(state[at + 1])
+                state[at], state[at + 1] = 0, 0
+                state[_COUNT] -= n
+                if self._joinable:
+                    state[_UNFINISHED] -= n
+            self.release_room(n)
+
+    def _check_cut(self) -> None:
+        """:meth:`_check_broken`, and look whether a holder of the read or write lock died inside
+        an item (a waiter calls it between two slices of its wait)."""
+        _check_cut(self._state, self._r, self._w)
+
     def recover(self) -> bool:
         """Give back the read and write locks of processes that died holding them between two
-        items; False if one died in the middle of an item (the stream is cut)."""
+        items, and the slots of the items they had not written; False if one died in the middle
+        of an item (the stream is cut)."""
         for owned in (self._s, self._r, self._w):
             try:
                 if owned.inherit():
                     owned.release()
             except BrokenResourceError:
                 return False
+        self._free_lost_items()
         return not self._state[_BROKEN]
 
     def end_stream(self, error: BaseException) -> None:
@@ -926,13 +1086,17 @@ class SyncQueue(Generic[T]):
         As in Python 3.13's queues, a shutdown does not end the wait by itself: an immediate one
         counts the items it discards as done, and items already handed out still need their
         :meth:`task_done`. The wait reads the shared count in short sleeps and holds no lock, so a
-        process killed while it waits here leaves nothing behind.
+        process killed while it waits here leaves nothing behind. Raises
+        :class:`aioipc.BrokenResourceError` if the queue's stream is cut while it waits (the items
+        lost with it will never be done).
         """
         if not self._joinable:
             raise ValueError("join() needs a JoinableQueue")
         deadline = None if timeout is None else time.monotonic() + timeout
         sleep = _JOIN_FIRST_SLEEP
         while not self.joined():
+            self._check_broken()
+            self._free_lost_items()
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -975,8 +1139,9 @@ class SyncQueue(Generic[T]):
             self._feeder.join_at_exit = False
 
 
-def _write_whole(fd: int, buf: bytes) -> None:
-    """Write at most PIPE_BUF bytes to the non-blocking pipe in one piece, waiting for room."""
+def _write_whole(fd: int, buf: bytes, check: Callable[[], None]) -> None:
+    """Write at most PIPE_BUF bytes to the non-blocking pipe in one piece, waiting for room in
+    slices (``check`` raises between two if the stream was cut)."""
     poller: select.poll | None = None
     while True:
         try:
@@ -986,7 +1151,8 @@ def _write_whole(fd: int, buf: bytes) -> None:
             if poller is None:
                 poller = select.poll()
                 poller.register(fd, select.POLLOUT)
-            poller.poll()
+            if not poller.poll(POLL_SLICE * 1000):
+                check()
 
 
 def _is_mark(data: Frame) -> bool:

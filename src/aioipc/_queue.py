@@ -305,9 +305,10 @@ class Queue(AsyncResource, Generic[T]):
         """Put ``item`` into the queue, waiting for room if it is bounded and full.
 
         The item is pickled here, so an object that cannot be pickled raises ``TypeError`` at this
-        call and the queue stays usable. Raises :class:`aioipc.ShutDown` after ``shutdown()`` and
+        call and the queue stays usable. Raises :class:`aioipc.ShutDown` after ``shutdown()``,
         :class:`aioipc.ClosedResourceError` after ``close()`` (also when it comes while this call
-        waits for room: the item was not put).
+        waits for room: the item was not put), and :class:`aioipc.BrokenResourceError` naming the
+        dead process once the queue's stream is cut (also while it waits for room).
 
         **Cancellation**: a cancellation point, even when there is room. If it raises the
         cancellation, the item was not put; if it returns, the item was put, once. The wait for
@@ -357,8 +358,10 @@ class Queue(AsyncResource, Generic[T]):
         An item that has arrived in the shared queue is taken on the event loop's thread, without
         waiting; otherwise this process's reader thread waits and takes one for this call.
         Raises :class:`aioipc.ShutDown` once the queue is shut down and drained,
-        :class:`aioipc.ClosedResourceError` after ``close()``, and the unpickling error of an item
-        that cannot be rebuilt in this process (the queue goes on).
+        :class:`aioipc.ClosedResourceError` after ``close()``, :class:`aioipc.BrokenResourceError`
+        naming the dead process once the stream is cut (a process died in the middle of an item)
+        or once linked producers failed, and the unpickling error of an item that cannot be
+        rebuilt in this process (the queue goes on).
 
         **Cancellation**: a cancellation point, even when an item is there. A cancelled or
         timed-out ``get()`` loses nothing: an item the reader took for it stays in this process,
