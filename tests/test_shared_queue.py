@@ -387,7 +387,7 @@ async def test_a_consumer_killed_while_waiting_blocks_no_other(ctx: Any, face: s
 def wait_in_join(face: str, queue: aioipc.JoinableQueue[int], waiting: Any) -> None:
     waiting.set()
     if face == "sync":
-        queue.sync.join()  # type: ignore[attr-defined]
+        queue.sync.join()
     else:
 
         async def main() -> None:
