@@ -130,6 +130,14 @@ def loads(frame: Frame) -> Any:
         return UnpicklingFailed(exc)
 
 
+#: How long ``close()`` waits for this process's feeder thread to write what it holds (it may wait
+#: behind a lock another process holds); at interpreter exit the wait has no limit, as with
+#: multiprocessing's own feeder. A bound on a rare wait: no test or benchmark pins the value.
+FEEDER_CLOSE_TIMEOUT = 5.0
+#: The priority of the feeder's exit hook among multiprocessing's finalizers: that of
+#: multiprocessing's own queue feeders, which are joined after the finalizers of higher priority.
+_FEEDER_EXIT_PRIORITY = -5
+
 #: Bytes a queue's pipe may hold once large items go through it (Linux lets an unprivileged
 #: process go up to pipe-max-size, 1 MiB by default): room for several large items, so that a
 #: writer rarely waits for the reader. Pipes count against a per-user budget (64 MiB by default),
@@ -363,7 +371,9 @@ class _Feeder:
         self._thread = threading.Thread(target=self._run, name="aioipc-queue-feeder", daemon=True)
         self._thread.start()
         # Flush what this process put before it exits (multiprocessing's own queues do the same).
-        self._finalizer = util.Finalize(self, _Feeder._flush, (weakref.ref(self),), exitpriority=-5)
+        self._finalizer = util.Finalize(
+            self, _Feeder._flush, (weakref.ref(self),), exitpriority=_FEEDER_EXIT_PRIORITY
+        )
 
     def discard(self) -> int:
         """Drop what was put and not yet written (an immediate shutdown); return how many items
@@ -462,7 +472,7 @@ class _Feeder:
         if feeder is not None and feeder.join_at_exit:
             feeder.close(timeout=None)
 
-    def close(self, timeout: float | None = 5.0) -> None:
+    def close(self, timeout: float | None = FEEDER_CLOSE_TIMEOUT) -> None:
         """Write what is buffered, then stop the thread."""
         with self._cond:
             self._closing = True

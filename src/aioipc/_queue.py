@@ -19,6 +19,7 @@ from ._bridge import Job, Reader, Writer
 from ._exceptions import Empty, Full, ShutDown
 from ._loops import Checkpointer, current_loop
 from ._mpqueue import (
+    MAXSIZE_LIMIT,
     NOTHING,
     SHUTDOWN_MARKER,
     EndMarker,
@@ -34,6 +35,9 @@ T = TypeVar("T")
 #: Items a process may take from the shared queue ahead of its waiting coroutines: none, as with
 #: multiprocessing's own queues, so that consumer processes share the work.
 DEFAULT_PREFETCH = 0
+#: A put waiting for room in a wrapped queue (which cannot tell when room appears) first sleeps
+#: this long between looks, doubling up to POLL_SLICE: prompt at first, cheap when it lasts.
+_ROOM_FIRST_SLEEP = 0.001
 #: The largest ``prefetch`` accepted: a bound on the memory one process may hold.
 MAX_PREFETCH = 1 << 20
 
@@ -96,7 +100,7 @@ class _Foreign:
     def __init__(self, obj: Any) -> None:
         self.obj = obj
         self.maxsize: int = getattr(obj, "_maxsize", None) or getattr(obj, "maxsize", 0) or 0
-        if self.maxsize >= 2**31 - 1:  # multiprocessing's "unbounded" (SEM_VALUE_MAX)
+        if self.maxsize >= MAXSIZE_LIMIT:  # multiprocessing's "unbounded" (SEM_VALUE_MAX)
             self.maxsize = 0
         self.is_proxy = isinstance(obj, BaseProxy)
         self.is_shutdown = False
@@ -146,7 +150,7 @@ class _Foreign:
     def wait_room(self, job: Job[bool]) -> bool:
         """In the writer thread: wait until the wrapped queue has room (the put itself happens on
         the caller's side, so that a cancelled put never puts)."""
-        sleep = 0.001
+        sleep = _ROOM_FIRST_SLEEP
         while not job.abandoned:
             if self.is_shutdown:
                 raise ShutDown
