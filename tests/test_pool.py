@@ -112,6 +112,15 @@ def fail_to_initialize() -> None:
     raise RuntimeError("no database")
 
 
+def fail_after_two_workers(report: aioipc.Queue[Any], release: Any, started: Any) -> None:
+    """The first two workers start; the initializer of any later one raises."""
+    with started.get_lock():
+        started.value += 1
+        if started.value > 2:
+            raise RuntimeError("no database")
+    remember(report, release)
+
+
 # -- helpers --
 
 
@@ -401,6 +410,116 @@ async def test_a_hanging_job_gives_way_to_the_callers_timeout(probe: Probe) -> N
                 await pool.run(hang)
         # The worker still runs the abandoned job; the block's end terminates it.
     assert multiprocessing.active_children() == []
+
+
+# -- the caller of a worker's only job reads its answer itself --
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+async def test_a_job_submitted_while_the_first_caller_reads_its_answer_gets_its_own(
+    probe: Probe, prefetch: int
+) -> None:
+    async with probe.pool(1, FORK, prefetch=prefetch) as pool:
+        results: dict[str, Any] = {}
+
+        async def job(tag: str, fn: Any) -> None:
+            results[tag] = await outcome(pool, fn, tag)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(job, "first", block)  # all the worker holds: its caller reads
+            assert (await probe.started())[0] == "first"
+            tg.start_soon(job, "second", record)  # behind it, in the worker or in the queue
+            await anyio.wait_all_tasks_blocked()
+            probe.release.set()
+        assert results == {"first": "first", "second": "second"}
+        assert await pool.run(square, 6) == 36
+
+
+async def test_the_only_job_cancelled_while_its_caller_reads_has_its_result_dropped(
+    probe: Probe,
+) -> None:
+    async with probe.pool(1, FORK) as pool:
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+            tg.start_soon(run_in_scope, scope, pool.run(block, "cancelled"))
+            assert (await probe.started())[0] == "cancelled"
+            scope.cancel()
+        assert scope.cancelled_caught
+        probe.release.set()  # it runs to its end; its answer is for nobody
+        assert await pool.run(record, "next") == "next"
+        assert await pool.run(square, 7) == 49
+        assert (await probe.started())[0] == "next"
+
+
+async def test_a_job_submitted_after_the_reader_was_cancelled_gets_its_own_result(
+    probe: Probe,
+) -> None:
+    async with probe.pool(1, FORK) as pool:
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+            tg.start_soon(run_in_scope, scope, pool.run(block, "cancelled"))
+            assert (await probe.started())[0] == "cancelled"
+            scope.cancel()
+            results: list[str] = []
+
+            async def next_job() -> None:
+                results.append(await pool.run(record, "next"))
+
+            tg.start_soon(next_job)  # the worker still runs the cancelled job
+            await anyio.wait_all_tasks_blocked()
+            probe.release.set()
+        assert results == ["next"]
+
+
+async def test_a_worker_killed_while_its_only_caller_reads_fails_that_job_alone(
+    probe: Probe,
+) -> None:
+    async with probe.pool(1, FORK) as pool:
+        outcomes: dict[str, Any] = {}
+
+        async def job(tag: str, fn: Any) -> None:
+            outcomes[tag] = await outcome(pool, fn, tag)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(job, "victim", block)
+            _, pid = await probe.started()
+            tg.start_soon(job, "behind", record)  # sent to the same worker, not started
+            await anyio.wait_all_tasks_blocked()
+            os.kill(pid, signal.SIGKILL)
+        died = outcomes["victim"]
+        assert isinstance(died, aioipc.WorkerDied)
+        assert (died.pid, died.exitcode) == (pid, -signal.SIGKILL)
+        assert outcomes["behind"] == "behind"  # run by the replacement
+        assert await pool.run(pid_of_worker) not in (pid, None)
+
+
+async def test_a_caller_reading_its_answer_learns_at_once_that_another_worker_broke_the_pool(
+    probe: Probe,
+) -> None:
+    workers_started = FORK.Value("i", 0)
+    pool = aioipc.open_pool(
+        2,
+        ctx=FORK,
+        initializer=fail_after_two_workers,
+        initargs=(probe.report, probe.release.value, workers_started),
+        max_jobs_per_worker=1,
+    )
+    async with pool, anyio.create_task_group() as tg:
+        outcomes: list[Any] = []
+
+        async def reader() -> None:
+            outcomes.append(await outcome(pool, block, "held up"))
+
+        tg.start_soon(reader)  # all its worker holds: its caller reads the answer
+        assert (await probe.started())[0] == "held up"
+        # The other worker runs this one job, exits, and its replacement's initializer raises.
+        assert await pool.run(square, 2) == 4
+        with anyio.fail_after(20):  # "held up" is not released: only the break ends its wait
+            while not outcomes:
+                await anyio.sleep(0.01)
+        assert isinstance(outcomes[0], aioipc.BrokenResourceError)
+        assert "no database" in str(outcomes[0])
+        probe.release.set()
 
 
 # -- cancellation --

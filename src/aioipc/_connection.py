@@ -69,7 +69,9 @@ LOOP_MESSAGE_MAX = 256 * 1024
 #: a measured figure; the duplex cases of tests/test_connection.py's make_pipe are socketpairs).
 _UNIX_PACKET_OVERHEAD = 64
 
-_HAVE_READINESS = hasattr(select, "epoll") and hasattr(os, "eventfd")
+#: Connections wait for messages on the loop (a private epoll watch) where the system has epoll and
+#: eventfd (Linux); elsewhere their reader thread waits. The pool reads answers the same way.
+HAVE_READINESS = hasattr(select, "epoll") and hasattr(os, "eventfd")
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 #: Whether reads and writes may pass RWF_NOWAIT (Linux 4.14+ for the flag; pipes and sockets take
 #: it on recent kernels). Turned off at the first refusal.
@@ -236,7 +238,7 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
             raise ValueError("the multiprocessing connection is closed")
         self._conn = conn
         self._fd = conn.fileno()
-        self._readiness = _HAVE_READINESS if _readiness is None else _readiness
+        self._readiness = HAVE_READINESS if _readiness is None else _readiness
         self._can_recv = bool(conn.readable)
         self._can_send = bool(conn.writable)
         self._closed = False

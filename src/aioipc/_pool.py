@@ -10,6 +10,11 @@ jobs it held never started and go back to the front of the pool's queue. Death s
 the worker's pipe (the kernel closes it with the process), then the process sentinel gives its exit
 code.
 
+One task at a time reads a worker's pipe. While a job is all its worker holds, the caller waiting
+for it reads its answer itself: no other task wakes up on its way back. While the worker holds
+more, the pool's receiving task for that worker reads the answers and wakes their callers; an idle
+worker's pipe is watched for its end alone, so that a worker that dies idle is replaced at once.
+
 A caller that stops waiting (cancelled, timed out) marks its job abandoned: a job still in the
 pool's queue is dropped; a job already sent to a worker is withdrawn with a note on the pipe, which
 the worker reads before it starts its next job; a job already running runs to its end and its
@@ -35,7 +40,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
-from ._connection import Connection
+from ._connection import HAVE_READINESS, Connection
 from ._exceptions import (
     BrokenResourceError,
     ClosedResourceError,
@@ -58,6 +63,10 @@ _OK, _RAISED, _SKIPPED, _INIT_FAILED = 0, 1, 2, 3
 _INLINE_SEND_MAX = 16 * 1024
 #: How long a worker whose pipe ended may take to exit before it is killed.
 _EXIT_GRACE = 1.0
+#: Callers read their own answers where the loop waits on the worker's pipe itself (epoll); where
+#: a reader thread serves the pipe, the pool's receiving task reads every answer.
+_DIRECT = HAVE_READINESS
+_EPOLLRDHUP = getattr(select, "EPOLLRDHUP", 0)
 
 
 def _dumps(obj: object) -> bytes:
@@ -212,12 +221,28 @@ def _serve(
 
 
 class _Job:
-    __slots__ = ("abandoned", "done", "error", "id", "payload", "result")
+    __slots__ = (
+        "abandoned",
+        "done",
+        "error",
+        "id",
+        "payload",
+        "reading",
+        "result",
+        "settled",
+        "worker",
+    )
 
     def __init__(self, job_id: int, payload: bytes) -> None:
         self.id = job_id
         self.payload: bytes | None = payload
-        self.done = anyio.Event()
+        #: The worker holding it (None while it waits in the pool's queue).
+        self.worker: _Worker | None = None
+        self.settled = False
+        #: Made when its caller has to wait for another task to settle it.
+        self.done: anyio.Event | None = None
+        #: The cancel scope of its caller's read of its worker's pipe, while it reads.
+        self.reading: anyio.CancelScope | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.abandoned = False
@@ -244,6 +269,21 @@ class _Worker:
         self.backlog: bytes | None = None
         self._out = select.poll()
         self._out.register(conn.fileno(), select.POLLOUT)
+        # Who reads the worker's pipe: the pool's receiving task, the caller of its only job, or
+        # (idle) nobody: the receiving task then watches for the end of the pipe alone.
+        self.pool_reads = not _DIRECT
+        self.reader: _Job | None = None
+        #: The receiving task's wait while it does not read, to cancel when it is its turn.
+        self.parked: anyio.CancelScope | None = None
+        #: True once the pipe's end was seen (while a caller read it).
+        self.hung_up = False
+        self.hangup: Any = None  # an epoll that reports only the end of the pipe
+
+    def give_to_pool(self) -> None:
+        """The receiving task reads the pipe from now on."""
+        self.pool_reads = True
+        if self.parked is not None:
+            self.parked.cancel()
 
     def writable(self) -> bool:
         return bool(self._out.poll(0))
@@ -470,27 +510,82 @@ class Pool:
             self._flush(worker)
 
     async def _receive(self, worker: _Worker) -> None:
-        """Hand the worker's answers to the callers; on the end of its pipe, bury it."""
+        """Hand the worker's answers to the callers while the pool reads its pipe; on the end of
+        the pipe, bury it."""
         try:
-            while True:
-                frame = await worker.conn.recv_bytes()
-                job_id, status = _ANSWER.unpack_from(frame)
-                data = frame[_ANSWER.size :]
-                if status == _INIT_FAILED:
-                    self._break(worker, *ForkingPickler.loads(data))
-                    continue
-                job = worker.held.pop(job_id, None)
-                if job is not None:  # else failed already (the pool broke)
-                    job.payload = None
-                    self._answered(job, status, data)
-                if self._pending:
-                    self._dispatch()
+            try:
+                while True:
+                    if not worker.pool_reads:
+                        await self._park(worker)
+                    self._take(worker, await worker.conn.recv_bytes())
+                    if not worker.held and not worker.hung_up and _DIRECT:
+                        worker.pool_reads = False  # idle: its next caller reads its own answer
+            finally:
+                if worker.hangup is not None:
+                    worker.hangup.close()
         except anyio.ClosedResourceError:
             return  # the pool closed it
         except (EOFError, OSError):
             pass  # the end of the pipe (or a reset: the same)
         if worker.alive:
             await self._bury(worker)
+
+    async def _park(self, worker: _Worker) -> None:
+        """Wait until the pool is to read the worker's pipe: a caller handed it over, or the pipe
+        ended while nobody read it."""
+        if worker.hangup is None:
+            worker.hangup = select.epoll()
+            worker.hangup.register(worker.conn.fileno(), _EPOLLRDHUP)
+        while not worker.pool_reads:
+            with anyio.CancelScope() as scope:
+                worker.parked = scope
+                try:
+                    if worker.hung_up:  # a caller reads: it hands the pipe over when it is done
+                        await anyio.sleep_forever()
+                    else:
+                        await anyio.wait_readable(worker.hangup.fileno())
+                finally:
+                    worker.parked = None
+            if not scope.cancel_called:  # the end of the pipe
+                worker.hung_up = True
+                if worker.reader is None:
+                    worker.pool_reads = True
+
+    def _take(self, worker: _Worker, frame: bytes) -> None:
+        """Settle the job that the worker's answer is for."""
+        job_id, status = _ANSWER.unpack_from(frame)
+        data = frame[_ANSWER.size :]
+        if status == _INIT_FAILED:
+            self._break(worker, *ForkingPickler.loads(data))
+            return
+        job = worker.held.pop(job_id, None)
+        if job is not None:  # else failed already (the pool broke)
+            job.payload = None
+            self._answered(job, status, data)
+        if self._pending:
+            self._dispatch()
+
+    async def _read_answer(self, worker: _Worker, job: _Job) -> None:
+        """In the caller's task, which alone reads the worker's pipe now: read the worker's
+        answers until the job's own, then hand the pipe back (to the pool's receiving task if
+        the worker holds other jobs, or its pipe ended). Another task that settles the job (the
+        pool breaks, or closes) cancels this read."""
+        with anyio.CancelScope() as scope:
+            job.reading = scope
+            try:
+                while not job.settled:
+                    frame = await worker.conn.recv_bytes()
+                    if _ID.unpack_from(frame)[0] == job.id:
+                        job.reading = None  # settled here: nothing to cancel
+                    self._take(worker, frame)
+            except (EOFError, OSError, anyio.ClosedResourceError):
+                pass  # the pipe ended (the receiving task buries the worker) or the pool closed it
+            finally:
+                job.reading = None
+                if worker.reader is job:
+                    worker.reader = None
+                    if worker.alive and (worker.held or worker.hung_up):
+                        worker.give_to_pool()
 
     def _answered(self, job: _Job, status: int, data: Any) -> None:
         if job.abandoned:
@@ -569,6 +664,7 @@ class Pool:
             return
         for job in reversed(unsent):
             if not job.abandoned:
+                job.worker = None
                 self._pending.appendleft(job)
         if self._state in ("open", "closing") and self._broken is None:
             self._start_worker(worker.slot)
@@ -586,7 +682,12 @@ class Pool:
             raise ClosedResourceError("the pool is closed")
 
     def _submit(
-        self, fn: Callable[..., object], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+        self,
+        fn: Callable[..., object],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        waits: bool = False,
     ) -> _Job:
         self._check_open()
         try:
@@ -597,11 +698,15 @@ class Pool:
         job = _Job(self._next_id, payload)
         self._live += 1
         self._pending.append(job)
-        self._dispatch()
+        self._dispatch(job if waits else None)
         return job
 
-    def _dispatch(self) -> None:
-        """Give pending jobs to the workers with room: the least loaded first."""
+    def _dispatch(self, waiter: _Job | None = None) -> None:
+        """Give pending jobs to the workers with room: the least loaded first.
+
+        ``waiter``: a job whose caller goes on to wait for it at once; if it is all its worker
+        holds, the caller reads the answer itself. Otherwise the pool reads the pipe of a worker
+        that got jobs."""
         pending = self._pending
         flush: set[_Worker] = set()
         while pending:
@@ -620,15 +725,26 @@ class Pool:
             best.held[job.id] = job
             best.outbox.append(job)
             best.given += 1
+            job.worker = best
             flush.add(best)
         for worker in flush:
             self._flush(worker)
+            if worker.pool_reads or worker.reader is not None or not worker.held:
+                continue
+            if waiter is not None and waiter.worker is worker and len(worker.held) == 1:
+                worker.reader = waiter
+            else:
+                worker.give_to_pool()
 
     def _settle(self, job: _Job, *, result: Any = None, error: BaseException | None = None) -> None:
-        if job.done.is_set():
+        if job.settled:
             return
+        job.settled = True
         job.result, job.error = result, error
-        job.done.set()
+        if job.done is not None:
+            job.done.set()
+        if job.reading is not None:  # its caller reads its worker's pipe: stop that
+            job.reading.cancel()
         if not job.abandoned:
             self._release()
 
@@ -639,23 +755,30 @@ class Pool:
 
     def _abandon(self, job: _Job) -> None:
         """The caller stopped waiting: drop the job, or withdraw it from its worker."""
-        if job.abandoned or job.done.is_set():
+        if job.abandoned or job.settled:
             return
         job.abandoned = True
         self._release()
-        for worker in self._workers:
-            if job.id in worker.held:
-                if job not in worker.outbox:  # sent, or being sent
-                    worker.withdrawn.append(job.id)
-                    self._flush(worker)
-                break
+        worker = job.worker
+        if worker is not None and worker.held.get(job.id) is job and job not in worker.outbox:
+            worker.withdrawn.append(job.id)  # sent, or being sent
+            self._flush(worker)
 
     async def _wait(self, job: _Job) -> Any:
-        try:
-            await job.done.wait()
-        except BaseException:
-            self._abandon(job)
-            raise
+        """The job's result (or its exception): read by this task when the job is all its worker
+        holds, else handed over by the task that reads the worker's pipe. A job settled already
+        costs no wait."""
+        if not job.settled:
+            try:
+                worker = job.worker
+                if worker is not None and worker.reader is job:
+                    await self._read_answer(worker, job)
+                if not job.settled:
+                    job.done = anyio.Event()
+                    await job.done.wait()
+            except BaseException:
+                self._abandon(job)
+                raise
         if job.error is not None:
             error, job.error = job.error, None
             try:
@@ -680,7 +803,7 @@ class Pool:
         **Cancellation**: the caller stops waiting at once. A job no worker has started yet never
         runs; a job already running runs to its end in its worker and its result is dropped.
         """
-        job = self._submit(fn, args, kwargs)
+        job = self._submit(fn, args, kwargs, waits=True)
         result: R = await self._wait(job)
         return result
 
