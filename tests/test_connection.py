@@ -227,6 +227,7 @@ async def test_async_for_yields_every_message_then_ends_at_eof(make_pipe: PipeFa
         assert [message async for message in a] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.blocks_on_the_loop  # the peer writes half a message with os.write
 async def test_a_peer_that_closes_in_the_middle_of_a_message_ends_the_stream(
     pipe: tuple[aioipc.Connection[Any, Any], aioipc.Connection[Any, Any]],
 ) -> None:
@@ -435,6 +436,7 @@ async def test_close_wakes_every_waiting_receiver_with_closedresourceerror(
     assert len(errors) == 3
 
 
+@pytest.mark.blocks_on_the_loop  # it joins the closing thread
 async def test_close_from_another_thread_wakes_a_waiting_receiver(make_pipe: PipeFactory) -> None:
     a, b = make_pipe()
     timer = threading.Timer(0.05, b.close)

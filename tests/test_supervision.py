@@ -115,11 +115,15 @@ async def drain(q: aioipc.Queue[Any], into: list[Any]) -> None:
             into.append(item)
 
 
+def exit_at_once() -> None:
+    pass
+
+
 def baseline_fds(ctx: Any) -> int:
     """The number of open fds, once the event loop and ``ctx``'s helpers (fork server, resource
     tracker, the shared memory arena of queues) exist."""
     aioipc.Queue(ctx=ctx).close()
-    process = ctx.Process(target=time.sleep, args=(0,))
+    process = ctx.Process(target=exit_at_once)
     process.start()
     process.join()
     process.close()
