@@ -127,6 +127,8 @@ def allow_bounded_blocking(guard: BlockBuster) -> None:
     # An immediate shutdown discards the items already in the pipe: it reads whole frames that have
     # arrived (an item still being written by its producer is waited for to its end).
     allow("os.read", "aioipc/_mpqueue.py", "_discard_queued")
+    # Building a wrapped queue for a test is the test's setup (for a manager, a round trip to it).
+    allow("socket.socket.connect", "tests/conftest.py", "make")
     # The tests count their open descriptors in /proc, a memory file system.
     allow("os.listdir", "tests/_helpers.py", "open_fds")
     # asyncio's debug mode logs slow callbacks; where the log goes is the application's choice.
@@ -150,3 +152,107 @@ def no_blocking_on_the_loop(request: pytest.FixtureRequest) -> Iterator[None]:
     with blockbuster_ctx(GUARDED_CODE) as guard:
         allow_bounded_blocking(guard)
         yield
+
+
+# -- queues of every kind --
+
+#: The queues ``make_queue`` builds: aioipc's own, and the two kinds it adopts with ``wrap``, each
+#: with a ``prefetch`` and a default ``maxsize`` (a bound large enough for any test that does not
+#: ask for its own). Pairwise: every kind meets every prefetch and both maxsizes, and every
+#: prefetch both maxsizes, in 9 configurations rather than 18.
+QUEUE_CONFIGS = [
+    ("own", 0, 0),
+    ("own", 1, 1000),
+    ("own", 8, 0),
+    ("mp", 0, 1000),
+    ("mp", 1, 0),
+    ("mp", 8, 1000),
+    ("manager", 0, 0),
+    ("manager", 1, 1000),
+    ("manager", 8, 1000),
+]
+
+
+class MakeQueue:
+    """Builds queues of one kind and configuration, and closes everything it built at teardown
+    (outside the event loop: a wrapped multiprocessing queue's close waits for its feeder thread,
+    and a manager's shutdown for its process)."""
+
+    def __init__(self, kind: str, prefetch: int, maxsize: int) -> None:
+        self.kind = kind
+        self.prefetch = prefetch
+        self.maxsize = maxsize
+        self._queues: list[aioipc.Queue[Any]] = []
+        self._wrapped: list[Any] = []
+        self._manager: Any = None
+
+    def __call__(
+        self, maxsize: int | None = None, *, prefetch: int | None = None, joinable: bool = False
+    ) -> aioipc.Queue[Any]:
+        """A new queue; ``maxsize`` and ``prefetch`` default to this configuration's."""
+        maxsize = self.maxsize if maxsize is None else maxsize
+        prefetch = self.prefetch if prefetch is None else prefetch
+        cls: type[aioipc.Queue[Any]] = aioipc.JoinableQueue if joinable else aioipc.Queue
+        if self.kind == "own":
+            queue = cls(maxsize, prefetch=prefetch)
+        else:
+            queue = cls.wrap(self.make(maxsize, joinable), prefetch=prefetch)
+        self._queues.append(queue)
+        return queue
+
+    def joinable(
+        self, maxsize: int | None = None, *, prefetch: int | None = None
+    ) -> aioipc.JoinableQueue[Any]:
+        """A new joinable queue; ``maxsize`` and ``prefetch`` default to this configuration's."""
+        queue = self(maxsize, prefetch=prefetch, joinable=True)
+        assert isinstance(queue, aioipc.JoinableQueue)
+        return queue
+
+    def make(self, maxsize: int, joinable: bool) -> Any:
+        """The multiprocessing queue or manager proxy to wrap. Building a proxy is a round trip to
+        the manager, on the loop's thread when a test builds a queue: that is the test's setup,
+        which the guard against blocking calls allows (see ``allow_bounded_blocking``)."""
+        if self.kind == "mp":
+            wrapped: Any = (multiprocessing.JoinableQueue if joinable else multiprocessing.Queue)(
+                maxsize
+            )
+            self._wrapped.append(wrapped)
+            return wrapped
+        if self._manager is None:
+            self._manager = multiprocessing.Manager()
+        return (self._manager.JoinableQueue if joinable else self._manager.Queue)(maxsize)
+
+    def close(self) -> None:
+        for queue in self._queues:
+            queue.close()
+        for wrapped in self._wrapped:
+            wrapped.close()
+            wrapped.join_thread()
+        if self._manager is not None:
+            self._manager.shutdown()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(config, id="{}-prefetch{}-maxsize{}".format(*config))
+        for config in QUEUE_CONFIGS
+    ]
+)
+def make_queue(request: pytest.FixtureRequest) -> Iterator[MakeQueue]:
+    """Builds queues of each kind (aioipc's own, a wrapped ``multiprocessing.Queue``, a wrapped
+    manager queue) with each ``prefetch`` and ``maxsize``."""
+    factory = MakeQueue(*request.param)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def own_queue() -> Iterator[aioipc.Queue[Any]]:
+    """An unbounded queue of aioipc's own, for behaviour that wrapped queues do not have."""
+    queue: aioipc.Queue[Any] = aioipc.Queue()
+    try:
+        yield queue
+    finally:
+        queue.close()

@@ -506,6 +506,9 @@ class Queue(AsyncResource, Generic[T]):
 
     def full(self) -> bool:
         """True if the queue is bounded and has no room."""
+        channel = self._channel
+        if isinstance(channel, _Foreign) and not channel.maxsize:
+            return bool(channel.obj.full())  # a manager's proxy does not tell its maxsize
         return bool(self.maxsize) and self.qsize() >= self.maxsize
 
     # -- shutdown --
