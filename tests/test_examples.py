@@ -252,6 +252,7 @@ async def client_of(server: Server) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.mark.anyio
+@pytest.mark.blocks_on_the_loop  # the server is a subprocess, started and stopped blocking
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("args", [(), ("--start-method", "spawn")], ids=["default", "spawn"])
 async def test_asgi_workers_answers_500_concurrent_requests_without_stalling_its_loop(
@@ -270,6 +271,7 @@ async def test_asgi_workers_answers_500_concurrent_requests_without_stalling_its
 
 
 @pytest.mark.anyio
+@pytest.mark.blocks_on_the_loop  # the server is a subprocess, started and stopped blocking
 @pytest.mark.timeout(120)
 async def test_asgi_workers_answers_a_fast_job_while_a_slow_one_runs() -> None:
     with asgi_server() as server:
@@ -286,6 +288,7 @@ async def test_asgi_workers_answers_a_fast_job_while_a_slow_one_runs() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.blocks_on_the_loop  # the server is a subprocess, started and stopped blocking
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_asgi_workers_stops_its_workers_and_exits_cleanly_on(sig: signal.Signals) -> None:
@@ -301,6 +304,7 @@ async def test_asgi_workers_stops_its_workers_and_exits_cleanly_on(sig: signal.S
 
 
 @pytest.mark.anyio
+@pytest.mark.blocks_on_the_loop  # the server is a subprocess, started and stopped blocking
 @pytest.mark.timeout(120)
 async def test_asgi_workers_answers_a_crash_with_502_at_once_and_goes_on() -> None:
     with asgi_server("--processes", "2") as server:
