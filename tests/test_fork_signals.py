@@ -44,8 +44,8 @@ def run_in_own_loop(loop: tuple[str, dict[str, Any]], main: Callable[[], Awaitab
 
 def wait_for_sigint(conn: Connection[Any, Any]) -> None:
     """In the child: say it is ready, then wait (at most 20 s) for a SIGINT to interrupt it."""
-    conn.send(("ready", repr(signal.getsignal(signal.SIGINT))))
-    try:
+    try:  # from before "ready": the SIGINT may come before the next line runs
+        conn.send(("ready", repr(signal.getsignal(signal.SIGINT))))
         time.sleep(20)
     except KeyboardInterrupt:
         conn.send(("interrupted", "KeyboardInterrupt"))
