@@ -620,8 +620,8 @@ async def test_task_done_called_too_often_raises_value_error() -> None:
 
 
 async def test_join_returns_once_shut_down_and_drained() -> None:
-    # Own queues only: in a wrapped JoinableQueue the shutdown marker is one more unfinished item,
-    # so its join() does not return.
+    # Own queues only: on a wrapped queue, the discarding get_nowait() calls miss the items still
+    # in a multiprocessing.Queue's feeder thread.
     async with aioipc.JoinableQueue[int]() as queue:
         await queue.put(1)
         async with anyio.create_task_group() as tg:
@@ -629,6 +629,18 @@ async def test_join_returns_once_shut_down_and_drained() -> None:
             await anyio.sleep(0.05)
             queue.shutdown(immediate=True)
         assert queue.qsize() == 0
+
+
+async def test_join_returns_once_the_items_are_done_after_a_shutdown(make_queue: MakeQueue) -> None:
+    async with make_queue.joinable() as queue:
+        await queue.put(1)
+        queue.shutdown()
+        assert await queue.get() == 1
+        queue.task_done()
+        with pytest.raises(aioipc.ShutDown):
+            await queue.get()
+        with anyio.fail_after(5):
+            await queue.join()
 
 
 async def test_cancelled_join_changes_nothing(make_queue: MakeQueue) -> None:

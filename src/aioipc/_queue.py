@@ -112,7 +112,7 @@ class _Foreign:
     def _unmark(self, items: list[Any]) -> tuple[list[Any], BaseException | None]:
         if any(item is SHUTDOWN_MARKER for item in items):
             self.is_shutdown = True
-            self.obj.put(SHUTDOWN_MARKER)  # for the next process
+            self._put_marker()  # for the next process
             return [item for item in items if item is not SHUTDOWN_MARKER], ShutDown()
         return items, None
 
@@ -157,7 +157,14 @@ class _Foreign:
                     self.obj.task_done()
         if not self.is_shutdown:
             self.is_shutdown = True
-            self.obj.put(SHUTDOWN_MARKER)
+            self._put_marker()
+
+    def _put_marker(self) -> None:
+        """Put the shutdown marker; a joinable queue does not count it as an unfinished item, so
+        that its ``join()`` returns once the real items are done."""
+        self.obj.put(SHUTDOWN_MARKER)
+        if hasattr(self.obj, "task_done"):
+            self.obj.task_done()
 
     def discard_taken(self, n: int) -> None:
         if hasattr(self.obj, "task_done"):
