@@ -254,6 +254,7 @@ async def test_poll_tells_whether_a_message_or_the_end_is_there(
     assert b.poll()
 
 
+@pytest.mark.blocks_on_the_loop  # poll(timeout) is the blocking call under test
 async def test_poll_with_a_timeout_waits_for_a_message_from_another_thread(
     pipe: tuple[aioipc.Connection[Any, Any], aioipc.Connection[Any, Any]],
 ) -> None:
@@ -329,7 +330,7 @@ async def test_a_receive_cancelled_in_the_middle_of_a_large_message_leaves_it_wh
                 await b.recv_bytes()
             assert await b.recv_bytes() == message
         finally:
-            writer.join()
+            await anyio.to_thread.run_sync(writer.join)
 
 
 # -- sending without blocking --

@@ -171,7 +171,7 @@ async def test_get_nowait_leaves_a_partly_written_item_for_later() -> None:
                         await anyio.sleep(0.001)
             assert got == payload
         finally:
-            writer.join()
+            await anyio.to_thread.run_sync(writer.join)
 
 
 # -- 3. a cancelled put did not put --
