@@ -98,7 +98,7 @@ def allow_bounded_blocking(guard: BlockBuster) -> None:
     # Starting a process under spawn or forkserver hands the child its preparation data through a
     # pipe or the fork server's socket, and makes a temporary directory the first time: bounded by
     # the start of the child, as with multiprocessing anywhere.
-    for call in ("os.getcwd", "os.mkdir", "os.read", "io.BufferedWriter.write"):
+    for call in ("os.getcwd", "os.mkdir", "os.path.abspath", "os.read", "io.BufferedWriter.write"):
         allow(call, "multiprocessing/process.py", "start")
     allow("socket.socket.connect", "multiprocessing/process.py", "start")
     # subprocess.Popen reads the pipe that tells whether the child's exec worked: bounded by it.
