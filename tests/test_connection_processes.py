@@ -124,17 +124,17 @@ async def test_a_child_runs_its_own_event_loop_on_its_end(ctx: Any, child_loop: 
 # -- end of file --
 
 
-async def test_recv_raises_eoferror_within_a_second_of_the_child_exiting(ctx: Any) -> None:
+async def test_recv_raises_eoferror_once_the_child_has_exited(ctx: Any) -> None:
     mine, theirs = aioipc.Pipe(ctx=ctx)
     process = start(ctx, exit_at_once, theirs, mine)
     theirs.close()  # the trap: without this, EOF never arrives
     async with mine:
         await join(process)
-        with anyio.fail_after(1), pytest.raises(EOFError):
+        with anyio.fail_after(30), pytest.raises(EOFError):
             await mine.recv()
 
 
-async def test_a_waiting_recv_gets_eoferror_within_a_second_of_the_child_being_killed(
+async def test_a_waiting_recv_gets_eoferror_once_the_child_is_killed(
     ctx: Any,
 ) -> None:
     mine, theirs = aioipc.Pipe(ctx=ctx)
@@ -144,10 +144,8 @@ async def test_a_waiting_recv_gets_eoferror_within_a_second_of_the_child_being_k
         assert await mine.recv() == "ready"
         async with anyio.create_task_group() as tg:
             tg.start_soon(_kill_after, process, 0.05)
-            started = time.monotonic()
-            with pytest.raises(EOFError):
+            with anyio.fail_after(30), pytest.raises(EOFError):
                 await mine.recv()
-            assert time.monotonic() - started < 0.05 + 1.0
     await join(process)
     assert process.exitcode == -signal.SIGKILL
 
@@ -167,7 +165,7 @@ async def test_eof_waits_while_the_parent_still_holds_a_copy_of_the_childs_end(c
             await mine.recv()
         assert scope.cancelled_caught  # the child is gone, but this process holds its end
         theirs.close()
-        with anyio.fail_after(1), pytest.raises(EOFError):
+        with anyio.fail_after(30), pytest.raises(EOFError):
             await mine.recv()
 
 

@@ -75,6 +75,7 @@ async def exchange(address: Any, rounds: int) -> float:
 # -- one kind of peer at a time --
 
 
+@pytest.mark.blocks_on_the_loop  # the hostile peers are plain blocking sockets
 async def test_garbage_is_refused_at_once() -> None:
     async with aioipc.listen(authkey=KEY, handshake_timeout=30) as listener:
         async with anyio.create_task_group() as tg:
@@ -95,6 +96,7 @@ async def test_garbage_is_refused_at_once() -> None:
     [struct.pack("!i", 257), struct.pack("!i", 2**31 - 1), struct.pack("!iQ", -1, 2**40)],
     ids=["257-bytes", "2GiB", "1TiB-long-header"],
 )
+@pytest.mark.blocks_on_the_loop  # the hostile peers are plain blocking sockets
 async def test_a_handshake_message_announced_too_large_is_refused_before_reading_it(
     header: bytes,
 ) -> None:
@@ -122,6 +124,7 @@ async def test_a_peer_with_the_wrong_key_is_refused_with_authenticationerror() -
         tg.cancel_scope.cancel()
 
 
+@pytest.mark.blocks_on_the_loop  # the hostile peers are plain blocking sockets
 async def test_a_flood_of_silent_peers_makes_the_oldest_give_way_and_good_peers_get_in() -> None:
     async with (
         aioipc.listen(authkey=KEY, handshake_timeout=30, max_handshakes=4) as listener,
@@ -138,6 +141,7 @@ async def test_a_flood_of_silent_peers_makes_the_oldest_give_way_and_good_peers_
         tg.cancel_scope.cancel()
 
 
+@pytest.mark.blocks_on_the_loop  # the hostile peers are plain blocking sockets
 async def test_a_peer_that_proved_the_key_is_not_dropped_to_make_room() -> None:
     """A peer that answered the challenge right stays; with no room left, the newcomer goes."""
     async with (
@@ -160,6 +164,7 @@ async def test_a_peer_that_proved_the_key_is_not_dropped_to_make_room() -> None:
         tg.cancel_scope.cancel()
 
 
+@pytest.mark.blocks_on_the_loop  # the hostile peers are plain blocking sockets
 async def test_handshakes_in_progress_take_no_thread_each() -> None:
     async with (
         aioipc.listen(authkey=KEY, handshake_timeout=30, max_handshakes=200) as listener,
@@ -239,6 +244,7 @@ GOOD_CLIENTS = 20
 ATTACK_PHASE_PEERS = 36 + GOOD_CLIENTS
 
 
+@pytest.mark.blocks_on_the_loop  # the hostile peers are plain blocking sockets
 async def test_a_good_client_is_served_through_an_attack() -> None:
     """While the handshake table is full of a flood's silent peers, hostile peers of every kind
     connect and a good client connects 20 times and exchanges messages each time.

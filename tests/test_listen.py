@@ -194,6 +194,7 @@ async def _accept_and_close(listener: aioipc.Listener) -> None:
         assert await conn.recv() == "right key"
 
 
+@pytest.mark.blocks_on_the_loop  # the misbehaving peer is a plain blocking socket
 async def test_a_peer_that_stalls_the_handshake_delays_no_one() -> None:
     async with (
         aioipc.listen(authkey=KEY, handshake_timeout=30) as listener,
@@ -207,6 +208,7 @@ async def test_a_peer_that_stalls_the_handshake_delays_no_one() -> None:
             assert listener.statistics().handshakes == 1  # the stalled one still waits
 
 
+@pytest.mark.blocks_on_the_loop  # the misbehaving peer is a plain blocking socket
 async def test_a_peer_that_stalls_the_handshake_times_out() -> None:
     async with aioipc.listen(authkey=KEY, handshake_timeout=0.2) as listener:
         with socket.create_connection(listener.address) as stalled:
@@ -228,6 +230,7 @@ def _read_to_eof(sock: socket.socket) -> int:
     return total
 
 
+@pytest.mark.blocks_on_the_loop  # the misbehaving peer is a plain blocking socket
 async def test_the_handshake_deadline_covers_the_whole_handshake_not_each_read() -> None:
     async with (
         aioipc.listen(authkey=KEY, handshake_timeout=0.5) as listener,
@@ -250,6 +253,7 @@ async def test_the_handshake_deadline_covers_the_whole_handshake_not_each_read()
             await conn.send("right key")
 
 
+@pytest.mark.blocks_on_the_loop  # the misbehaving peer is a plain blocking socket
 async def test_connect_gives_up_on_a_peer_that_never_answers_the_handshake() -> None:
     with socket.create_server(("127.0.0.1", 0)) as mute:
         address = mute.getsockname()

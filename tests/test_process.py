@@ -235,12 +235,10 @@ async def test_open_process_kills_a_worker_that_ignores_sigterm() -> None:
 
 
 async def test_an_error_in_the_block_terminates_the_worker_at_once() -> None:
-    started_at = time.monotonic()
     with pytest.raises(RuntimeError, match="consumer bug"):
         async with aioipc.open_process(sleep_for, 60, ctx=FORK) as process:
             raise RuntimeError("consumer bug")
-    assert process.exitcode == -signal.SIGTERM
-    assert time.monotonic() - started_at < 5
+    assert process.exitcode == -signal.SIGTERM  # terminated, not at the end of its sleep
 
 
 async def test_cancelling_the_block_terminates_the_worker() -> None:

@@ -6,11 +6,12 @@ import copyreg
 import multiprocessing
 import pickle
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
+from conftest import MakeQueue
 
 import aioipc
 
@@ -18,9 +19,27 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def queue() -> AsyncIterator[aioipc.Queue[Any]]:
-    async with aioipc.Queue[Any]() as q:
-        yield q
+def queue(make_queue: MakeQueue) -> aioipc.Queue[Any]:
+    """A queue of each kind and configuration (see ``make_queue``)."""
+    return make_queue()
+
+
+@pytest.fixture
+def mp_queue() -> Iterator[multiprocessing.Queue[Any]]:
+    """A multiprocessing queue, closed at teardown (outside the event loop: closing waits for its
+    feeder thread)."""
+    mp_queue: multiprocessing.Queue[Any] = multiprocessing.Queue()
+    yield mp_queue
+    mp_queue.close()
+    mp_queue.join_thread()
+
+
+@pytest.fixture
+def mp_joinable_queue() -> Iterator[multiprocessing.JoinableQueue[Any]]:
+    mp_queue: multiprocessing.JoinableQueue[Any] = multiprocessing.JoinableQueue()
+    yield mp_queue
+    mp_queue.close()
+    mp_queue.join_thread()
 
 
 class Unpicklable:
@@ -140,16 +159,18 @@ async def test_async_for_yields_items_until_shutdown_and_drained(queue: aioipc.Q
     assert [item async for item in queue] == [0, 1, 2]
 
 
-async def test_prefetch_zero_still_delivers_every_item() -> None:
-    async with aioipc.Queue[int](prefetch=0) as queue:
+async def test_prefetch_zero_still_delivers_every_item(make_queue: MakeQueue) -> None:
+    async with make_queue(prefetch=0) as queue:
         for i in range(20):
             await queue.put(i)
         assert [await queue.get() for _ in range(20)] == list(range(20))
         assert queue.statistics().buffered == 0
 
 
-async def test_with_prefetch_zero_a_cancelled_get_leaves_the_item_to_other_consumers() -> None:
-    async with aioipc.Queue[int](prefetch=0) as queue:
+async def test_with_prefetch_zero_a_cancelled_get_leaves_the_item_to_other_consumers(
+    make_queue: MakeQueue,
+) -> None:
+    async with make_queue(prefetch=0) as queue:
         with anyio.move_on_after(0.1):
             await queue.get()
         await anyio.sleep(0.1)  # the reader thread has stopped waiting
@@ -171,8 +192,8 @@ async def test_a_maxsize_that_is_not_an_int_is_rejected(bad: Any) -> None:
 # -- bounded queues --
 
 
-async def test_put_nowait_on_a_full_queue_raises_full() -> None:
-    async with aioipc.Queue[int](2) as queue:
+async def test_put_nowait_on_a_full_queue_raises_full(make_queue: MakeQueue) -> None:
+    async with make_queue(2) as queue:
         queue.put_nowait(1)
         queue.put_nowait(2)
         assert queue.full()
@@ -180,8 +201,8 @@ async def test_put_nowait_on_a_full_queue_raises_full() -> None:
             queue.put_nowait(3)
 
 
-async def test_put_on_a_full_queue_waits_for_room() -> None:
-    async with aioipc.Queue[int](1) as queue:
+async def test_put_on_a_full_queue_waits_for_room(make_queue: MakeQueue) -> None:
+    async with make_queue(1) as queue:
         await queue.put(1)
         async with anyio.create_task_group() as tg:
             tg.start_soon(queue.put, 2)
@@ -191,7 +212,8 @@ async def test_put_on_a_full_queue_waits_for_room() -> None:
 
 
 async def test_items_prefetched_by_a_reader_still_count_against_maxsize() -> None:
-    async with aioipc.Queue[int](2) as queue:
+    # Own queues only: a slot of a wrapped queue is freed by its own get, when the reader takes it.
+    async with aioipc.Queue[int](2, prefetch=1) as queue:
         await queue.put(1)
         await queue.put(2)
         assert await queue.get() == 1  # the reader thread has prefetched item 2 as well
@@ -201,8 +223,8 @@ async def test_items_prefetched_by_a_reader_still_count_against_maxsize() -> Non
         assert [await queue.get(), await queue.get()] == [2, 3]
 
 
-async def test_cancelled_put_on_a_full_queue_does_not_put_the_item() -> None:
-    async with aioipc.Queue[int](1) as queue:
+async def test_cancelled_put_on_a_full_queue_does_not_put_the_item(make_queue: MakeQueue) -> None:
+    async with make_queue(1) as queue:
         await queue.put(1)
         with anyio.move_on_after(0.1) as scope:
             await queue.put(2)
@@ -214,6 +236,7 @@ async def test_cancelled_put_on_a_full_queue_does_not_put_the_item() -> None:
 
 
 async def test_puts_waiting_for_room_go_in_first_come_first_served() -> None:
+    # Own queues only: puts waiting for room in a wrapped queue each poll it, in no set order.
     async with aioipc.Queue[int](1) as queue:
         await queue.put(0)
         async with anyio.create_task_group() as tg:
@@ -223,8 +246,10 @@ async def test_puts_waiting_for_room_go_in_first_come_first_served() -> None:
             assert [await queue.get() for _ in range(4)] == [0, 1, 2, 3]
 
 
-async def test_a_put_waiting_for_room_is_not_stuck_behind_pending_gets() -> None:
-    async with aioipc.Queue[int](1) as full, aioipc.Queue[int]() as other:
+async def test_a_put_waiting_for_room_is_not_stuck_behind_pending_gets(
+    make_queue: MakeQueue,
+) -> None:
+    async with make_queue(1) as full, make_queue() as other:
         await full.put(0)
         async with anyio.create_task_group() as tg:
             for _ in range(50):
@@ -251,7 +276,8 @@ async def test_qsize_counts_items_put_and_not_yet_taken(queue: aioipc.Queue[Any]
     assert queue.qsize() == 4
 
 
-async def test_an_unbounded_queue_is_never_full(queue: aioipc.Queue[Any]) -> None:
+async def test_an_unbounded_queue_is_never_full(make_queue: MakeQueue) -> None:
+    queue = make_queue(0)
     for i in range(100):
         queue.put_nowait(i)
     assert queue.maxsize == 0
@@ -273,16 +299,21 @@ async def test_put_of_an_unpicklable_item_raises_at_the_call_naming_its_type(
     assert queue.qsize() == 0
 
 
-async def test_put_of_an_unpicklable_item_into_a_full_queue_raises_at_once() -> None:
-    async with aioipc.Queue[Any](1) as queue:
+async def test_put_of_an_unpicklable_item_into_a_full_queue_raises_at_once(
+    make_queue: MakeQueue,
+) -> None:
+    async with make_queue(1) as queue:
         await queue.put(1)
         with anyio.fail_after(5), pytest.raises(TypeError, match="Unpicklable"):
             await queue.put(Unpicklable())
 
 
 async def test_an_item_that_cannot_be_rebuilt_raises_at_its_get_and_the_queue_goes_on(
-    queue: aioipc.Queue[Any],
+    own_queue: aioipc.Queue[Any],
 ) -> None:
+    # Own queues only: a wrapped queue unpickles in its own get(), in the reader thread, where the
+    # error ends the reader instead of failing one get.
+    queue = own_queue
     await queue.put(1)
     await queue.put(BreaksOnUnpickling())
     await queue.put(3)
@@ -358,7 +389,10 @@ async def test_shutdown_wakes_every_waiting_getter(queue: aioipc.Queue[Any]) -> 
     assert outcomes == ["shut down"] * 10
 
 
-async def test_immediate_shutdown_discards_queued_items(queue: aioipc.Queue[Any]) -> None:
+async def test_immediate_shutdown_discards_queued_items(own_queue: aioipc.Queue[Any]) -> None:
+    # Own queues only: on a wrapped queue, the discarding get_nowait() calls miss the items still
+    # in a multiprocessing.Queue's feeder thread, and qsize() counts the shutdown marker.
+    queue = own_queue
     for i in range(10):
         await queue.put(i)
     queue.shutdown(immediate=True)
@@ -368,6 +402,7 @@ async def test_immediate_shutdown_discards_queued_items(queue: aioipc.Queue[Any]
 
 
 async def test_shutdown_wakes_a_put_waiting_for_room() -> None:
+    # Own queues only: shutdown() of a full wrapped queue waits to put its marker into it.
     async with aioipc.Queue[int](1) as queue:
         await queue.put(1)
 
@@ -385,8 +420,9 @@ async def test_shutdown_wakes_a_put_waiting_for_room() -> None:
 # -- closing --
 
 
-async def test_close_wakes_waiting_getters_with_closed_resource_error() -> None:
-    queue: aioipc.Queue[int] = aioipc.Queue()
+async def test_close_wakes_waiting_getters_with_closed_resource_error(
+    queue: aioipc.Queue[Any],
+) -> None:
     errors: list[BaseException] = []
 
     async def getter() -> None:
@@ -404,8 +440,9 @@ async def test_close_wakes_waiting_getters_with_closed_resource_error() -> None:
     assert len(errors) == 2
 
 
-async def test_every_call_after_close_raises_closed_resource_error() -> None:
-    queue: aioipc.Queue[int] = aioipc.Queue()
+async def test_every_call_after_close_raises_closed_resource_error(
+    queue: aioipc.Queue[Any],
+) -> None:
     await queue.aclose()
     with pytest.raises(aioipc.ClosedResourceError):
         await queue.get()
@@ -421,8 +458,7 @@ async def test_every_call_after_close_raises_closed_resource_error() -> None:
         queue.shutdown()
 
 
-async def test_close_is_idempotent_and_does_not_wait() -> None:
-    queue: aioipc.Queue[int] = aioipc.Queue()
+async def test_close_is_idempotent_and_does_not_wait(queue: aioipc.Queue[Any]) -> None:
     await queue.put(1)
     assert await queue.get() == 1
     with anyio.fail_after(2):
@@ -431,8 +467,9 @@ async def test_close_is_idempotent_and_does_not_wait() -> None:
         await queue.aclose()
 
 
-async def test_close_in_a_cancelled_scope_still_releases_the_queue() -> None:
-    queue: aioipc.Queue[int] = aioipc.Queue()
+async def test_close_in_a_cancelled_scope_still_releases_the_queue(
+    queue: aioipc.Queue[Any],
+) -> None:
     await queue.put(1)
     await queue.get()
     with anyio.CancelScope() as scope:  # noqa: ASYNC100 (close() must work without awaiting)
@@ -485,15 +522,17 @@ async def test_statistics_report_waiters_buffer_and_threads(queue: aioipc.Queue[
 # -- the sync face and wrapping --
 
 
-async def test_sync_face_shares_the_queue_with_the_async_face() -> None:
-    async with aioipc.Queue[str](prefetch=0) as queue:  # no read-ahead into this process
+async def test_sync_face_shares_the_queue_with_the_async_face(make_queue: MakeQueue) -> None:
+    async with make_queue(prefetch=0) as queue:  # no read-ahead into this process
         queue.sync.put("from sync")
         assert await queue.get() == "from sync"
         await queue.put("from async")
         assert queue.sync.get(timeout=5) == "from async"
 
 
-async def test_sync_face_honours_shutdown(queue: aioipc.Queue[Any]) -> None:
+async def test_sync_face_honours_shutdown(own_queue: aioipc.Queue[Any]) -> None:
+    # Own queues only: the sync face of a wrapped queue is the multiprocessing queue itself.
+    queue = own_queue
     queue.sync.put(1)
     queue.shutdown()
     assert queue.sync.get(timeout=5) == 1
@@ -503,22 +542,19 @@ async def test_sync_face_honours_shutdown(queue: aioipc.Queue[Any]) -> None:
         queue.sync.put(2)
 
 
-async def test_wrap_adopts_a_multiprocessing_queue() -> None:
-    mp_queue: multiprocessing.Queue[int] = multiprocessing.Queue()
+async def test_wrap_adopts_a_multiprocessing_queue(mp_queue: multiprocessing.Queue[Any]) -> None:
     async with aioipc.Queue.wrap(mp_queue) as queue:
         await queue.put(1)
         assert mp_queue.get(timeout=5) == 1
         mp_queue.put(2)
         assert await queue.get() == 2
         assert queue.sync is mp_queue
-    mp_queue.close()
-    mp_queue.join_thread()
 
 
 async def test_wrap_adopts_a_manager_queue_proxy() -> None:
-    with multiprocessing.Manager() as manager:
-        proxy = manager.Queue(2)
-        async with aioipc.Queue.wrap(proxy) as queue:
+    managed = MakeQueue("manager", prefetch=0, maxsize=2)
+    try:
+        async with managed() as queue:
             await queue.put("a")
             await queue.put("b")
             assert queue.qsize() == 2
@@ -527,6 +563,8 @@ async def test_wrap_adopts_a_manager_queue_proxy() -> None:
             queue.shutdown()
             with pytest.raises(aioipc.ShutDown):
                 await queue.get()
+    finally:
+        managed.close()
 
 
 async def test_wrap_rejects_what_is_not_a_queue() -> None:
@@ -542,8 +580,8 @@ async def test_a_queue_pickles_only_to_start_a_process(queue: aioipc.Queue[Any])
 # -- joinable --
 
 
-async def test_join_returns_once_every_item_is_marked_done() -> None:
-    async with aioipc.JoinableQueue[int]() as queue:
+async def test_join_returns_once_every_item_is_marked_done(make_queue: MakeQueue) -> None:
+    async with make_queue.joinable() as queue:
         for i in range(3):
             await queue.put(i)
         joined = anyio.Event()
@@ -563,13 +601,16 @@ async def test_join_returns_once_every_item_is_marked_done() -> None:
                 await joined.wait()
 
 
-async def test_join_on_a_queue_with_no_unfinished_items_returns_at_once() -> None:
-    async with aioipc.JoinableQueue[int]() as queue:
+async def test_join_on_a_queue_with_no_unfinished_items_returns_at_once(
+    make_queue: MakeQueue,
+) -> None:
+    async with make_queue.joinable() as queue:
         with anyio.fail_after(1):
             await queue.join()
 
 
 async def test_task_done_called_too_often_raises_value_error() -> None:
+    # Own queues only: a wrapped queue raises its own error (a manager's, RemoteError).
     async with aioipc.JoinableQueue[int]() as queue:
         await queue.put(1)
         await queue.get()
@@ -579,6 +620,8 @@ async def test_task_done_called_too_often_raises_value_error() -> None:
 
 
 async def test_join_returns_once_shut_down_and_drained() -> None:
+    # Own queues only: on a wrapped queue, the discarding get_nowait() calls miss the items still
+    # in a multiprocessing.Queue's feeder thread.
     async with aioipc.JoinableQueue[int]() as queue:
         await queue.put(1)
         async with anyio.create_task_group() as tg:
@@ -588,8 +631,20 @@ async def test_join_returns_once_shut_down_and_drained() -> None:
         assert queue.qsize() == 0
 
 
-async def test_cancelled_join_changes_nothing() -> None:
-    async with aioipc.JoinableQueue[int]() as queue:
+async def test_join_returns_once_the_items_are_done_after_a_shutdown(make_queue: MakeQueue) -> None:
+    async with make_queue.joinable() as queue:
+        await queue.put(1)
+        queue.shutdown()
+        assert await queue.get() == 1
+        queue.task_done()
+        with pytest.raises(aioipc.ShutDown):
+            await queue.get()
+        with anyio.fail_after(5):
+            await queue.join()
+
+
+async def test_cancelled_join_changes_nothing(make_queue: MakeQueue) -> None:
+    async with make_queue.joinable() as queue:
         await queue.put(1)
         with anyio.move_on_after(0.05):
             await queue.join()
@@ -599,20 +654,19 @@ async def test_cancelled_join_changes_nothing() -> None:
             await queue.join()
 
 
-async def test_wrap_adopts_a_multiprocessing_joinable_queue() -> None:
-    mp_queue: multiprocessing.JoinableQueue[int] = multiprocessing.JoinableQueue()
-    async with aioipc.JoinableQueue.wrap(mp_queue) as queue:
+async def test_wrap_adopts_a_multiprocessing_joinable_queue(
+    mp_joinable_queue: multiprocessing.JoinableQueue[int],
+) -> None:
+    async with aioipc.JoinableQueue.wrap(mp_joinable_queue) as queue:
         await queue.put(1)
         assert await queue.get() == 1
         queue.task_done()
         with anyio.fail_after(5):
             await queue.join()
-    mp_queue.close()
-    mp_queue.join_thread()
 
 
-async def test_joinable_wrap_rejects_a_queue_without_task_done() -> None:
-    mp_queue: multiprocessing.Queue[int] = multiprocessing.Queue()
+async def test_joinable_wrap_rejects_a_queue_without_task_done(
+    mp_queue: multiprocessing.Queue[int],
+) -> None:
     with pytest.raises(TypeError, match="task_done"):
         aioipc.JoinableQueue.wrap(mp_queue)
-    mp_queue.close()

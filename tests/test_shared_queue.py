@@ -171,13 +171,14 @@ async def test_get_nowait_leaves_a_partly_written_item_for_later() -> None:
                         await anyio.sleep(0.001)
             assert got == payload
         finally:
-            writer.join()
+            await anyio.to_thread.run_sync(writer.join)
 
 
 # -- 3. a cancelled put did not put --
 
 
 @pytest.mark.parametrize("kind", ["own", "wrapped"])
+@pytest.mark.blocks_on_the_loop  # it joins its thread
 async def test_a_put_cancelled_while_room_appears_either_put_or_raised(kind: str) -> None:
     mp_queue: Any = multiprocessing.get_context("fork").Queue(1) if kind == "wrapped" else None
     queue = aioipc.Queue[int](1) if kind == "own" else aioipc.Queue.wrap(mp_queue)

@@ -353,7 +353,7 @@ class Reader(_Hub, Generic[T]):
                 self._discard(waiter)
                 if self._n_waiting == 0 and not self._read_ahead and self._wake_w >= 0:
                     # Nobody wants an item any more: stop the thread's wait, so that it takes none.
-                    os.write(self._wake_w, b"x")
+                    _wake(self._wake_w)
                 return
         self._request_delivery(loops)
 
@@ -389,6 +389,7 @@ class Reader(_Hub, Generic[T]):
         wake_r, wake_w = os.pipe()
         try:
             os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)  # written on the loop's thread: never wait there
             self._wake_r, self._wake_w = wake_r, wake_w
             self._start_thread(self._run, "reader")
         except BaseException:
@@ -466,7 +467,7 @@ class Reader(_Hub, Generic[T]):
             self._wakeup.notify_all()
             thread = self._thread
         if thread is not None:
-            os.write(self._wake_w, b"x")
+            _wake(self._wake_w)
         self._request_delivery(loops)
         return dropped
 
@@ -487,7 +488,7 @@ class Reader(_Hub, Generic[T]):
             self._wakeup.notify_all()
             thread = self._thread
         if thread is not None:
-            os.write(self._wake_w, b"x")
+            _wake(self._wake_w)
         self._request_delivery(loops)
         if thread is not None and thread is not threading.current_thread():
             thread.join(THREAD_JOIN_TIMEOUT)
@@ -501,6 +502,14 @@ class Reader(_Hub, Generic[T]):
         stats = super().statistics()
         stats["buffered"] = len(self.buffer)
         return stats
+
+
+def _wake(fd: int) -> None:
+    """Wake the reader thread (a full wake pipe has woken it already)."""
+    try:
+        os.write(fd, b"x")
+    except BlockingIOError:
+        pass
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ class _Foreign:
     def _unmark(self, items: list[Any]) -> tuple[list[Any], BaseException | None]:
         if any(item is SHUTDOWN_MARKER for item in items):
             self.is_shutdown = True
-            self.obj.put(SHUTDOWN_MARKER)  # for the next process
+            self._put_marker()  # for the next process
             return [item for item in items if item is not SHUTDOWN_MARKER], ShutDown()
         return items, None
 
@@ -175,7 +175,14 @@ class _Foreign:
                     self.obj.task_done()
         if not self.is_shutdown:
             self.is_shutdown = True
-            self.obj.put(SHUTDOWN_MARKER)
+            self._put_marker()
+
+    def _put_marker(self) -> None:
+        """Put the shutdown marker; a joinable queue does not count it as an unfinished item, so
+        that its ``join()`` returns once the real items are done."""
+        self.obj.put(SHUTDOWN_MARKER)
+        if hasattr(self.obj, "task_done"):
+            self.obj.task_done()
 
     def discard_taken(self, n: int) -> None:
         if hasattr(self.obj, "task_done"):
@@ -527,6 +534,9 @@ class Queue(AsyncResource, Generic[T]):
 
     def full(self) -> bool:
         """True if the queue is bounded and has no room."""
+        channel = self._channel
+        if isinstance(channel, _Foreign) and not channel.maxsize:
+            return bool(channel.obj.full())  # a manager's proxy does not tell its maxsize
         return bool(self.maxsize) and self.qsize() >= self.maxsize
 
     # -- shutdown --
