@@ -54,6 +54,11 @@ def put_forever(q: aioipc.Queue[int]) -> None:
             time.sleep(0.001)  # let the consumer keep up
 
 
+def put_range_and_hang(q: aioipc.Queue[int], n: int) -> None:
+    put_range(q, n)
+    time.sleep(60)
+
+
 def put_range_flush_and_hang(q: aioipc.Queue[int], n: int, flushed: Any) -> None:
     put_range(q, n)
     q.sync.close()  # returns once every item is in the pipe
@@ -172,7 +177,8 @@ async def test_mixed_exits_name_every_failed_producer_and_only_them() -> None:
         async with (
             aioipc.open_process(put_range, q, 10, ctx=FORK, name="fine") as fine,
             aioipc.open_process(put_range_then_raise, q, 10, ctx=FORK, name="raises") as raises,
-            aioipc.open_process(put_forever, q, ctx=FORK, name="killed") as killed,
+            # Killed once idle: the point here is naming it, not where the kill lands.
+            aioipc.open_process(put_range_and_hang, q, 10, ctx=FORK, name="killed") as killed,
         ):
             q.link(fine, raises, killed)
             await raises.wait()
