@@ -117,7 +117,7 @@ def allow_bounded_blocking(guard: BlockBuster) -> None:
     # A send writes on the loop only what poll() has just said fits (at most PIPE_BUF bytes).
     allow("os.write", "aioipc/_connection.py", "_send_now")
     # Closing a listener removes its socket file, as multiprocessing's Listener does.
-    allow("os.unlink", "aioipc/_connection.py", "close")
+    allow("os.unlink", "aioipc/_listener.py", "close")
     # close() of a queue's reader and writer waits up to 1 s for the thread it has just woken, so
     # that the thread drops its last references here, not in a daemon thread at exit; a queue's
     # feeder thread is waited for (up to 5 s) so that what this process put is in the pipe before
@@ -131,6 +131,8 @@ def allow_bounded_blocking(guard: BlockBuster) -> None:
     allow("socket.socket.connect", "tests/conftest.py", "make")
     # The tests count their open descriptors in /proc, a memory file system.
     allow("os.listdir", "tests/_helpers.py", "open_fds")
+    # ... and read a process's state there.
+    allow("io.BufferedReader.read", "tests/test_supervision.py", "_stat_state")
     # asyncio's debug mode logs slow callbacks; where the log goes is the application's choice.
     for call in ("io.TextIOWrapper.write", "io.BufferedWriter.write"):
         allow(call, "logging/__init__.py", "emit")
