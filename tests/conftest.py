@@ -131,8 +131,10 @@ def allow_bounded_blocking(guard: BlockBuster) -> None:
     allow("socket.socket.connect", "tests/conftest.py", "make")
     # The tests count their open descriptors in /proc, a memory file system.
     allow("os.listdir", "tests/_helpers.py", "open_fds")
-    # ... and read a process's state there.
+    # ... and read a process's state there, as the queue does to tell a dead lock holder from a
+    # stopped or slow one.
     allow("io.BufferedReader.read", "tests/test_supervision.py", "_stat_state")
+    allow("io.BufferedReader.read", "aioipc/_mpqueue.py", "_alive")
     # asyncio's debug mode logs slow callbacks; where the log goes is the application's choice.
     for call in ("io.TextIOWrapper.write", "io.BufferedWriter.write"):
         allow(call, "logging/__init__.py", "emit")

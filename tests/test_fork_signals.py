@@ -89,7 +89,13 @@ def test_one_sigint_interrupts_a_child_forked_inside_a_running_loop(
         assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # the loop's own
         outcome.append(await fork_and_interrupt())
 
-    run_in_own_loop(loop, main)
+    # Start as an application does, with Python's SIGINT handler (a test runner started in the
+    # background of a shell inherits SIGINT ignored, and a loop leaves an ignored SIGINT alone).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run_in_own_loop(loop, main)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert outcome == [("KeyboardInterrupt", 1)]
 
 
