@@ -33,8 +33,7 @@ from . import _fork
 from ._exceptions import BrokenResourceError, Empty, Full, ShutDown
 from ._wire import (
     HEADER,
-    JOIN_MAX,
-    LONG_HEADER,
+    LARGE_FRAME,
     PIPE_BUF,
     POLL_SLICE,
     Frame,
@@ -42,6 +41,9 @@ from ._wire import (
     dumps,
     frame,
     read_available,
+    read_frame_watched,
+    read_watched,
+    write_watched,
 )
 
 T = TypeVar("T")
@@ -280,60 +282,6 @@ def _check_cut(state: Any, r: _Owned, w: _Owned) -> None:
             owned.release()
 
 
-def _read_watched(fd: int, view: memoryview, check: Callable[[], None]) -> None:
-    """Fill ``view`` from the queue's pipe (read lock held), waiting for the rest of an item in
-    slices: between two, ``check`` raises if the stream was cut (its writer died inside it)."""
-    poller: select.poll | None = None
-    while view:
-        n = read_available(fd, view)
-        if not n:
-            if poller is None:
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-            if not poller.poll(POLL_SLICE * 1000):
-                check()
-                continue
-            n = os.readv(fd, [view])
-            if not n:
-                raise OSError("got end of file during message")
-        view = view[n:]
-
-
-def _read_frame_watched(fd: int, check: Callable[[], None], head: bytes = b"") -> bytearray:
-    """One whole frame (after the ``head`` of its header, already read), waiting as
-    :func:`_read_watched` does."""
-    start = bytearray(HEADER.size)
-    start[: len(head)] = head
-    _read_watched(fd, memoryview(start)[len(head) :], check)
-    (size,) = HEADER.unpack(start)
-    if size == -1:
-        long = bytearray(LONG_HEADER.size)
-        _read_watched(fd, memoryview(long), check)
-        (size,) = LONG_HEADER.unpack(long)
-    elif size < 0:
-        raise OSError(f"bad item length {size}: the queue's stream is broken")
-    body = bytearray(size)
-    if size:
-        _read_watched(fd, memoryview(body), check)
-    return body
-
-
-def _write_watched(fd: int, buf: bytes | memoryview, check: Callable[[], None]) -> None:
-    """Write ``buf`` to the queue's non-blocking pipe (write lock held), waiting for room in
-    slices: between two, ``check`` raises if the stream was cut (nobody will read it again)."""
-    view = memoryview(buf)
-    poller: select.poll | None = None
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            if poller is None:
-                poller = select.poll()
-                poller.register(fd, select.POLLOUT)
-            if not poller.poll(POLL_SLICE * 1000):
-                check()
-
-
 class _Partial:
     """A frame this process has started to read before all of it had arrived: the process keeps
     the read lock until the frame is whole (nobody else could find the next frame). ``head`` is
@@ -454,7 +402,7 @@ class _Feeder:
             else:
                 w.begin_item()
                 for chunk in frame(data):
-                    _write_watched(fd, chunk, check)
+                    write_watched(fd, chunk, check)
                 w.end_item()
                 self._written(counted)
         if group:
@@ -650,7 +598,7 @@ class SyncQueue(Generic[T]):
 
     def _feed_raw(self, data: memoryview | bytes, *, counted: bool = False) -> None:
         """Write a pickle to the pipe now if that cannot block, else hand it to the feeder."""
-        if len(data) >= JOIN_MAX and not self._pipe_grown:
+        if len(data) >= LARGE_FRAME and not self._pipe_grown:
             _grow_pipe(self._writer.fileno())
             self._pipe_grown = True
         feeder = self._feeder
@@ -815,8 +763,8 @@ class SyncQueue(Generic[T]):
             fd = self._fd
             try:
                 if partial.body is None:
-                    return _read_frame_watched(fd, self._check_cut, partial.head)
-                _read_watched(fd, memoryview(partial.body)[partial.got :], self._check_cut)
+                    return read_frame_watched(fd, self._check_cut, partial.head)
+                read_watched(fd, memoryview(partial.body)[partial.got :], self._check_cut)
                 return partial.body
             finally:
                 self._partial = None
@@ -856,7 +804,7 @@ class SyncQueue(Generic[T]):
                 try:
                     if available(fd):
                         self._r.begin_item()
-                        frames.append(_read_frame_watched(fd, self._check_cut))
+                        frames.append(read_frame_watched(fd, self._check_cut))
                         self._read_more(fd, frames, max_items, max_bytes)
                 finally:
                     self._r.release()
@@ -874,7 +822,7 @@ class SyncQueue(Generic[T]):
         """Add the frames that have started to arrive, up to the limits (read lock held)."""
         size = sum(len(f) for f in frames)
         while len(frames) < max_items and size < max_bytes and available(fd):
-            data = _read_frame_watched(fd, self._check_cut)
+            data = read_frame_watched(fd, self._check_cut)
             frames.append(data)
             size += len(data)
 
@@ -984,7 +932,7 @@ class SyncQueue(Generic[T]):
         try:
             while available(fd):
                 self._r.begin_item()
-                data = _read_frame_watched(fd, self._check_cut)
+                data = read_frame_watched(fd, self._check_cut)
                 self._r.end_item()
                 if not _is_mark(data):
                     self._uncount(1)

@@ -27,7 +27,7 @@ import struct
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 
 try:
@@ -57,10 +57,9 @@ POLL_SLICE = 0.05
 PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
 #: The most bytes one read of a connection takes from the fd, on the loop or in the reader thread.
 READ_CHUNK = 256 * 1024
-#: A chunk this large is written as it is; smaller ones are joined into few ``write`` calls.
-JOIN_MAX = 16 * 1024
-#: Small chunks are joined into writes of at most this many bytes.
-_JOINED_WRITE_MAX = 64 * 1024
+#: A frame this large no longer fits the default pipe comfortably: the first one makes a queue grow
+#: its pipe (see ``_mpqueue.PIPE_SIZE``).
+LARGE_FRAME = 16 * 1024
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 #: Whether reads and writes may pass RWF_NOWAIT (Linux 4.14+ for the flag; pipes and sockets take
@@ -136,42 +135,6 @@ def header(size: int) -> bytes:
 def frame(data: bytes | memoryview) -> list[bytes | memoryview]:
     """A whole frame as chunks to write: the header, then ``data``."""
     return [header(len(data)), data]
-
-
-def write_all(fd: int, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write whole frames to a non-blocking fd, waiting for room: small chunks joined into few
-    ``write`` calls, large ones written without a copy."""
-    pending: list[bytes | memoryview] = []
-    size = 0
-    for chunk in chunks:
-        if len(chunk) >= JOIN_MAX:
-            if pending:
-                _write(fd, b"".join(pending))
-                pending.clear()
-                size = 0
-            _write(fd, chunk)
-            continue
-        pending.append(chunk)
-        size += len(chunk)
-        if size >= _JOINED_WRITE_MAX:
-            _write(fd, b"".join(pending))
-            pending.clear()
-            size = 0
-    if pending:
-        _write(fd, b"".join(pending))
-
-
-def _write(fd: int, buf: bytes | memoryview) -> None:
-    view = memoryview(buf)
-    poller: select.poll | None = None
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            if poller is None:
-                poller = select.poll()
-                poller.register(fd, select.POLLOUT)
-            poller.poll()
 
 
 def write_frame(fd: int, chunks: list[bytes | memoryview], skip: int = 0) -> None:
@@ -366,49 +329,55 @@ def drain_wakeups(fd: int) -> None:
         pass
 
 
-def read_exact(fd: int, n: int) -> bytes:
-    """Read exactly ``n`` bytes from a blocking fd (EOFError on a clean end before any byte)."""
-    chunks = []
-    remaining = n
-    while remaining > 0:
-        chunk = os.read(fd, remaining)
-        if not chunk:
-            if remaining == n:
-                raise EOFError
-            raise OSError("got end of file during message")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def read_into(fd: int, view: memoryview) -> None:
-    """Fill ``view`` from a blocking fd."""
+def read_watched(fd: int, view: memoryview, check: Callable[[], None]) -> None:
+    """Fill ``view`` from the non-blocking fd, waiting for the rest in slices of POLL_SLICE:
+    between two, ``check()`` may raise to give up (a queue's: its writer died inside the item)."""
+    poller: select.poll | None = None
     while view:
-        n = os.readv(fd, [view])
+        n = read_available(fd, view)
         if not n:
-            raise OSError("got end of file during message")
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+            if not poller.poll(POLL_SLICE * 1000):
+                check()
+                continue
+            n = os.readv(fd, [view])
+            if not n:
+                raise OSError("got end of file during message")
         view = view[n:]
 
 
-def read_size(fd: int) -> int:
-    """Read a frame header from a blocking fd: the size of the body that follows."""
-    (size,) = HEADER.unpack(read_exact(fd, 4))
+def read_frame_watched(fd: int, check: Callable[[], None], head: bytes = b"") -> bytearray:
+    """One whole frame (after the ``head`` of its header, already read), waiting as
+    :func:`read_watched` does."""
+    start = bytearray(HEADER.size)
+    start[: len(head)] = head
+    read_watched(fd, memoryview(start)[len(head) :], check)
+    (size,) = HEADER.unpack(start)
     if size == -1:
-        (size,) = LONG_HEADER.unpack(read_exact(fd, 8))
+        long = bytearray(LONG_HEADER.size)
+        read_watched(fd, memoryview(long), check)
+        (size,) = LONG_HEADER.unpack(long)
     elif size < 0:
-        raise OSError(f"bad message length {size}: not a stream of frames")
-    return size  # type: ignore[no-any-return]
-
-
-def read_body(fd: int, size: int) -> Frame:
-    """Read a body of ``size`` bytes from a blocking fd (large ones into one buffer, no copies)."""
-    if size < JOIN_MAX:
-        return read_exact(fd, size) if size else b""
+        raise OSError(f"bad frame length {size}: the stream is broken")
     body = bytearray(size)
-    read_into(fd, memoryview(body))
+    if size:
+        read_watched(fd, memoryview(body), check)
     return body
 
 
-def read_frame(fd: int) -> Frame:
-    """One whole frame from a blocking fd, waiting until it has arrived."""
-    return read_body(fd, read_size(fd))
+def write_watched(fd: int, buf: bytes | memoryview, check: Callable[[], None]) -> None:
+    """Write all of ``buf`` to the non-blocking fd, waiting for room in slices of POLL_SLICE:
+    between two, ``check()`` may raise to give up (a queue's: nobody will read it again)."""
+    view = memoryview(buf)
+    poller: select.poll | None = None
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(fd, select.POLLOUT)
+            if not poller.poll(POLL_SLICE * 1000):
+                check()
