@@ -389,7 +389,7 @@ async def test_a_producer_terminated_in_the_middle_of_a_large_item_raises(
             with anyio.fail_after(10):
                 await q.get()
 
-    with pytest.raises(aioipc.BrokenResourceError, match="cut its stream") as info:
+    with pytest.raises(aioipc.BrokenResourceError, match="cut the queue's stream") as info:
         await consume()
     assert "was killed by SIGTERM" in str(info.value)
     q.close()  # the reader thread, blocked on the rest of the item, sees the end of the pipe

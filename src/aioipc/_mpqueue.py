@@ -27,7 +27,7 @@ from collections.abc import Callable
 from multiprocessing import context, util
 from multiprocessing.connection import Pipe
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 from . import _fork
 from ._exceptions import BrokenResourceError, Empty, Full, ShutDown
@@ -53,19 +53,25 @@ _JOIN_FIRST_SLEEP = 0.001
 #: The largest ``maxsize``: a POSIX semaphore's SEM_VALUE_MAX on Linux and macOS.
 MAXSIZE_LIMIT = 2**31 - 1
 
-# Shared state block: indices into a RawArray of signed 64-bit integers.
-_COUNT, _SHUTDOWN, _UNFINISHED = 0, 1, 2
-# Who holds the read and write locks (a pid, 0: nobody), and whether the holder is in the middle
-# of an item (so that a holder found dead can be replaced, or the stream declared cut).
-_RHOLDER, _RMID, _WHOLDER, _WMID = 3, 4, 5, 6
-# The pid of a process that died in the middle of an item, and on which side (_READING/_WRITING).
-_BROKEN, _BROKEN_SIDE = 7, 8
-# Who holds the state lock (it is never held in the middle of an item).
-_SHOLDER = 9
+# Shared state block: indices into a RawArray of signed 64-bit integers, laid out so that what
+# writers touch for every item and what readers touch for every item are 64 bytes apart (a
+# producer and a consumer on two cores do not pull one cache line back and forth).
+# Items written to the pipe (counted by the holder of the write lock, just before it writes),
+# who holds the write lock (a pid, 0: nobody), and whether it is in the middle of an item (so
+# that a holder found dead can be replaced, or the stream declared cut).
+_PUT, _WHOLDER, _WMID = 0, 1, 2
+# Items read from the pipe (counted by the holder of the read lock), and the same for that lock.
+_TAKEN, _RHOLDER, _RMID = 8, 9, 10
+# The rest changes rarely: shutdown, unfinished tasks of a joinable queue, the pid of a process
+# that died in the middle of an item and on which side (_READING/_WRITING), who holds the state
+# lock (never held in the middle of an item), and the items held by feeder threads that found
+# no record of their own (see below).
+_SHUTDOWN, _UNFINISHED, _BROKEN, _BROKEN_SIDE, _SHOLDER, _UNRECORDED = 16, 17, 18, 19, 20, 21
 # Records of the items each process handed to its feeder thread and has not written yet: pairs
-# (pid, count) from _FEEDERS on. Those items hold their slot of a bounded queue and are counted
-# as queued; a process that finds the owner of a record dead frees them (they died with it).
-_FEEDERS, _FEEDER_RECORDS = 10, 32
+# (pid, count) from _FEEDERS on, each written by its own process only. Those items hold their
+# slot of a bounded queue and are counted as queued; a process that finds the owner of a record
+# dead frees them (they died with it).
+_FEEDERS, _FEEDER_RECORDS = 24, 32
 _STATE_SLOTS = _FEEDERS + 2 * _FEEDER_RECORDS
 _READING, _WRITING = 1, 2
 _OPEN, _SHUT_GRACEFUL, _SHUT_IMMEDIATE = 0, 1, 2
@@ -85,8 +91,13 @@ class _ShutdownMarker:
 
 
 SHUTDOWN_MARKER = _ShutdownMarker()
-_MARK = bytes(ForkingPickler.dumps(SHUTDOWN_MARKER))
-_MARK_LEN = len(_MARK)
+#: The first byte of every item's frame: pickle's PROTO opcode (protocol 2 and later). Control
+#: frames start with another byte, so that a reader counts the items it takes without unpickling.
+_PROTO = 0x80
+#: The frame ``shutdown()`` sends after every item put before it.
+_MARK = b"\x00shutdown"
+#: The first byte of an end frame; the pickled :class:`EndMarker` follows.
+_END = b"\x01"
 #: What a look that cannot wait returns when there is nothing.
 NOTHING: Any = object()
 
@@ -303,9 +314,10 @@ class _Feeder:
         self.join_at_exit = join_at_exit
         self._fd = queue._writer.fileno()
         self._w = queue._w
+        self._s = queue._s
         self._state = queue._state
-        #: Where this process counts the items it holds unwritten (-1: not recorded, every record
-        #: being taken by a live process).
+        #: Where this process counts the items it holds unwritten (-1: every record is taken by a
+        #: live process; they are then counted under the state lock, and not freed if it dies).
         self._record = queue._claim_record()
         #: Raises if the stream is cut while this thread waits for room (the queue itself is not
         #: referenced: the thread must not keep it alive).
@@ -329,7 +341,7 @@ class _Feeder:
         with self._cond:
             n = sum(1 for _, counted in self._buffer if counted)
             self._buffer.clear()
-            self._unrecord(n)
+            self._count(-n)
         return n
 
     def put(self, data: memoryview | bytes, counted: bool) -> None:
@@ -337,19 +349,28 @@ class _Feeder:
         bounded queue and is counted as queued), not a marker."""
         with self._cond:
             self._buffer.append((data, counted))
-            if counted and self._record >= 0:
-                self._state[self._record] += 1
+            if counted:
+                self._count(1)
             self._cond.notify()
 
-    def _unrecord(self, n: int) -> None:
-        """``n`` counted items left this process's hands (written, or discarded); cond held."""
-        if n and self._record >= 0:
-            self._state[self._record] -= n
+    def _count(self, n: int) -> None:
+        """Add ``n`` to the items this process holds unwritten (cond held)."""
+        if not n:
+            return
+        if self._record >= 0:
+            self._state[self._record] += n
+        else:
+            with self._s:
+                self._state[_UNRECORDED] += n
 
-    def _written(self, n: int) -> None:
-        if n and self._record >= 0:
+    def _write_group(self, group: list[bytes | memoryview], counted: int) -> None:
+        """Write small frames in one piece; count their items written just before (a reader may
+        count an item a moment early, never late), and no longer held by this process after."""
+        self._state[_PUT] += counted
+        _write_whole(self._fd, b"".join(group), self._check)
+        if counted:
             with self._cond:
-                self._unrecord(n)
+                self._count(-counted)
 
     def _run(self) -> None:
         cond, buffer = self._cond, self._buffer
@@ -374,7 +395,7 @@ class _Feeder:
                 if isinstance(exc, OSError) and exc.errno not in (errno.EPIPE, errno.EBADF):
                     raise
                 with cond:
-                    self._unrecord(sum(1 for _, counted in buffer if counted))
+                    self._count(-sum(1 for _, counted in buffer if counted))
                     buffer.clear()
                     self._closing = True
             finally:
@@ -391,23 +412,24 @@ class _Feeder:
         for data, counted in batch:
             n = len(data) + HEADER.size
             if size + n > PIPE_BUF and group:
-                _write_whole(fd, b"".join(group), check)
-                self._written(counted_in_group)
-                group.clear()
+                self._write_group(group, counted_in_group)
+                group = []
                 size = counted_in_group = 0
             if n <= PIPE_BUF:
                 group += frame(data)
                 size += n
                 counted_in_group += counted
             else:
+                self._state[_PUT] += counted
                 w.begin_item()
                 for chunk in frame(data):
                     write_watched(fd, chunk, check)
                 w.end_item()
-                self._written(counted)
+                if counted:
+                    with self._cond:
+                        self._count(-1)
         if group:
-            _write_whole(fd, b"".join(group), check)
-            self._written(counted_in_group)
+            self._write_group(group, counted_in_group)
 
     @property
     def idle(self) -> bool:
@@ -495,6 +517,7 @@ class SyncQueue(Generic[T]):
         #: Serialises the threads of this process that may finish a partly read frame.
         self._partial_lock = threading.Lock()
         self._fd = self._reader.fileno()
+        self._wfd = self._writer.fileno()
         #: Where a header is read (by the holder of the read lock only).
         self._head = bytearray(HEADER.size)
         #: The read and write locks as this process uses them (recording their holder).
@@ -584,38 +607,66 @@ class SyncQueue(Generic[T]):
                     break
 
     def feed(self, data: memoryview | bytes) -> None:
-        """Count a pickled item (whose slot is taken) as queued and hand it to the feeder."""
-        with self._s:
-            if self._state[_SHUTDOWN] or self._state[_BROKEN]:
-                if self._sem is not None:
-                    self._sem.release()
-                self._check_broken()
-                raise ShutDown
-            self._state[_COUNT] += 1
-            if self._joinable:
+        """Put a pickled item whose slot is taken: write it now if that cannot block, else hand it
+        to the feeder. Raises :class:`aioipc.ShutDown` (the slot is freed) once the queue is shut
+        down, and :class:`aioipc.BrokenResourceError` once its stream is cut."""
+        if self._joinable:
+            with self._s:
+                self._refuse_if_closed()
                 self._state[_UNFINISHED] += 1
-        self._feed_raw(data, counted=True)
+            try:
+                self._feed_raw(data, counted=True, refusable=True)
+            except (ShutDown, BrokenResourceError):
+                with self._s:
+                    self._state[_UNFINISHED] -= 1
+                raise
+        else:
+            self._feed_raw(data, counted=True, refusable=True)
 
-    def _feed_raw(self, data: memoryview | bytes, *, counted: bool = False) -> None:
-        """Write a pickle to the pipe now if that cannot block, else hand it to the feeder."""
-        if len(data) >= LARGE_FRAME and not self._pipe_grown:
+    def _refuse_if_closed(self) -> None:
+        """Raise if the queue takes no more items (shut down, or its stream cut), freeing the slot
+        the item took."""
+        state = self._state
+        if state[_SHUTDOWN] or state[_BROKEN]:
+            if self._sem is not None:
+                self._sem.release()
+            self._check_broken()
+            raise ShutDown
+
+    def _feed_raw(
+        self, data: memoryview | bytes, *, counted: bool = False, refusable: bool = False
+    ) -> None:
+        """Write a frame now if that cannot block, else hand it to the feeder. ``counted``: an
+        item (not a control frame); ``refusable``: raise as :meth:`_refuse_if_closed` does (a put,
+        not a give-back or a marker)."""
+        size = len(data)
+        if size >= LARGE_FRAME and not self._pipe_grown:
             _grow_pipe(self._writer.fileno())
             self._pipe_grown = True
         feeder = self._feeder
-        if (
-            len(data) <= PIPE_BUF - HEADER.size
-            and (feeder is None or feeder.idle)
-            and self._w.try_acquire()
-        ):
-            # One write of at most PIPE_BUF bytes is whole or nothing: the stream stays at an
-            # item boundary whatever happens to this process, so it is not "in an item".
-            try:
-                os.write(self._writer.fileno(), HEADER.pack(len(data)) + data)
-                return
-            except BlockingIOError:  # the pipe is full: the feeder will wait for room
-                pass
-            finally:
-                self._w.release()
+        if size <= PIPE_BUF - HEADER.size and (feeder is None or feeder.idle):
+            wlock = self._wlock
+            if wlock.acquire(False):
+                # One write of at most PIPE_BUF bytes is whole or nothing: the stream stays at an
+                # item boundary whatever happens to this process, so it is not "in an item". The
+                # shutdown flag is read under the write lock: an item that passes is written
+                # before the marker of a shutdown that comes later.
+                state = self._state
+                state[_WHOLDER] = self._pid
+                try:
+                    if refusable and (state[_SHUTDOWN] or state[_BROKEN]):
+                        self._refuse_if_closed()
+                    state[_PUT] += counted  # before the write: a reader never counts it late
+                    try:
+                        os.write(self._wfd, HEADER.pack(size) + data)
+                        return
+                    except BlockingIOError:  # the pipe is full: the feeder will wait for room
+                        state[_PUT] -= counted
+                finally:
+                    state[_WHOLDER] = 0
+                    wlock.release()
+        if refusable:
+            self._refuse_if_closed()
         if feeder is None:
             feeder = self._feeder = _Feeder(self, join_at_exit=self._join_feeder_at_exit)
         feeder.put(data, counted)
@@ -636,8 +687,31 @@ class SyncQueue(Generic[T]):
         about 50 ms), ``ValueError`` if this process closed the queue.
         """
         self._check_open()
+        state = self._state
+        data = None
+        if state[_SHUTDOWN] != _SHUT_IMMEDIATE and not state[_BROKEN]:
+            data = self.take_frame(finish=True, counted=True)
+        if data is None:
+            data = self._wait_frame(block, timeout)
+        item = self._unframe(data)
+        if type(item) is EndMarker:
+            error = item.error
+            try:
+                raise error
+            finally:
+                del error  # no cycle: this frame, the exception, its traceback
+        if state[_SHUTDOWN] == _SHUT_IMMEDIATE:
+            self.discard_taken(1)
+            raise ShutDown
+        if self._sem is not None:
+            self.release_room()
+        if type(item) is UnpicklingFailed:
+            item.raise_error()
+        return cast(T, item)
+
+    def _wait_frame(self, block: bool, timeout: float | None) -> Frame:
+        """The next frame for :meth:`get`, waiting for data in slices without the read lock."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        fd = self._reader.fileno()
         poller: select.poll | None = None
         lock_wait = 0.0
         readable = True  # try at once; later, only once the pipe has data
@@ -648,7 +722,7 @@ class SyncQueue(Generic[T]):
             if readable or self._partial is not None:
                 data = self.take_frame(finish=True, lock_wait=lock_wait, counted=not lock_wait)
                 if data is not None:
-                    break
+                    return data
             if self._drained_after_shutdown():
                 raise ShutDown
             wait = POLL_SLICE if deadline is None else min(POLL_SLICE, deadline - time.monotonic())
@@ -656,23 +730,13 @@ class SyncQueue(Generic[T]):
                 raise Empty
             if poller is None:
                 poller = select.poll()
-                poller.register(fd, select.POLLIN)
+                poller.register(self._fd, select.POLLIN)
             # Wait for data without the read lock (an idle getter never touches it, so one killed
             # while it waits holds nothing); once data is there, wait for the lock.
             readable = bool(poller.poll(wait * 1000))
             lock_wait = wait if readable else 0.0
             if not readable:
                 self._check_cut()
-        items, end = self.decode([data])
-        if end is not None:
-            try:
-                raise end
-            finally:
-                del end  # no cycle: this frame, the exception, its traceback
-        item = items[0]
-        if isinstance(item, UnpicklingFailed):
-            item.raise_error()
-        return item
 
     def get_nowait(self) -> T:
         """Remove and return an item if one is there; else raise :class:`aioipc.Empty`."""
@@ -688,22 +752,28 @@ class SyncQueue(Generic[T]):
         frame. A frame that has only partly arrived is finished here if ``finish`` (a blocking
         caller); otherwise this process keeps the read lock and the frame for :meth:`read`, and
         None is returned: :attr:`has_partial` tells. With ``counted``, it does not look at all
-        while the shared count says no item is queued (markers are not counted: a caller that
-        waits for readability reads them).
+        while the shared counts say no item is in the pipe (control frames are not counted: a
+        caller that waits for readability reads them).
         """
         if self._partial is not None:
             return self._finish_partial() if finish else None
-        if counted and self._state[_COUNT] <= 0:
-            # No item put and not taken: do not touch the read lock just to look (a process
+        state = self._state
+        if counted and state[_PUT] - state[_TAKEN] <= 0:
+            # No item written and not taken: do not touch the read lock just to look (a process
             # killed while it holds the lock to look would leave the stream in doubt).
             return None
-        r = self._r
-        if not (r.acquire(lock_wait) if lock_wait else r.try_acquire()):
+        rlock = self._rlock
+        if lock_wait:
+            if not self._r.acquire(lock_wait):
+                return None
+        elif rlock.acquire(False):
+            state[_RHOLDER] = self._pid
+        else:
             return None
         fd = self._fd
         head = self._head
         try:
-            r.begin_item()
+            state[_RMID] = 1
             got = read_available(fd, head)
             if not got:
                 return None
@@ -717,11 +787,15 @@ class SyncQueue(Generic[T]):
                     body = bytearray(size)
                     got = read_available(fd, body) if size else 0
                     if got == size:
+                        if size and body[0] == _PROTO:
+                            state[_TAKEN] += 1
                         return body
                     self._partial = _Partial(b"", body, got)
         finally:
             if self._partial is None:
-                r.release()
+                state[_RMID] = 0
+                state[_RHOLDER] = 0
+                rlock.release()
         return self._finish_partial() if finish else None
 
     def take_item(self) -> Any:
@@ -731,22 +805,26 @@ class SyncQueue(Generic[T]):
         data = self.take_frame(finish=False, counted=True)
         if data is None:
             return NOTHING
-        item = self._unframe(data)
-        if type(item) is not EndMarker:
-            with self._s:
-                self._state[_COUNT] -= 1
-        return item
+        return self._unframe(data)
 
     def _unframe(self, data: Frame) -> Any:
         """Unpickle one frame. The shutdown marker and supervision's end are passed on to the
         next process and come back as an :class:`EndMarker`."""
-        if len(data) == _MARK_LEN and data == _MARK:
-            self._feed_raw(_MARK)
+        if data and data[0] == _PROTO:
+            return loads(data)
+        self._feed_raw(bytes(data))  # a control frame: for the next reader too
+        if data == _MARK:
             return EndMarker(ShutDown())
-        item = loads(data)
-        if type(item) is EndMarker:
-            self._feed_raw(bytes(data))
-        return item
+        error = loads(memoryview(data)[len(_END) :])
+        if type(error) is UnpicklingFailed:
+            error = error.error
+        return EndMarker(error)
+
+    @property
+    def reader_fd(self) -> int:
+        """This process's descriptor of the pipe's read end: readable when data has arrived (an
+        event loop may watch it; reading it belongs to the queue)."""
+        return self._fd
 
     @property
     def has_partial(self) -> bool:
@@ -763,9 +841,12 @@ class SyncQueue(Generic[T]):
             fd = self._fd
             try:
                 if partial.body is None:
-                    return read_frame_watched(fd, self._check_cut, partial.head)
-                read_watched(fd, memoryview(partial.body)[partial.got :], self._check_cut)
-                return partial.body
+                    data = read_frame_watched(fd, self._check_cut, partial.head)
+                else:
+                    read_watched(fd, memoryview(partial.body)[partial.got :], self._check_cut)
+                    data = partial.body
+                self._count_taken([data])
+                return data
             finally:
                 self._partial = None
                 self._r.release()
@@ -807,12 +888,14 @@ class SyncQueue(Generic[T]):
                         frames.append(read_frame_watched(fd, self._check_cut))
                         self._read_more(fd, frames, max_items, max_bytes)
                 finally:
+                    self._count_taken(frames)
                     self._r.release()
             elif len(frames) < max_items and self._r.try_acquire():
                 try:
                     self._r.begin_item()
                     self._read_more(fd, frames, max_items, max_bytes)
                 finally:
+                    self._count_taken(frames[1:])
                     self._r.release()
             if frames:
                 # Prefetched items keep their slot of a bounded queue until a get hands them out.
@@ -825,6 +908,12 @@ class SyncQueue(Generic[T]):
             data = read_frame_watched(fd, self._check_cut)
             frames.append(data)
             size += len(data)
+
+    def _count_taken(self, frames: list[Frame]) -> None:
+        """Count the items among frames just read (read lock held)."""
+        n = sum(1 for data in frames if data and data[0] == _PROTO)
+        if n:
+            self._state[_TAKEN] += n
 
     def decode(
         self, frames: list[Frame], *, release_room: bool = True
@@ -842,9 +931,6 @@ class SyncQueue(Generic[T]):
                 end = item.error
             else:
                 items.append(item)
-        if items:
-            with self._s:
-                self._state[_COUNT] -= len(items)
         if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
             self.discard_taken(len(items))
             return [], ShutDown()
@@ -865,8 +951,6 @@ class SyncQueue(Generic[T]):
     def giveback(self, items: list[T]) -> None:
         """Put items taken by this process back into the queue (at its end)."""
         for item in items:
-            with self._s:
-                self._state[_COUNT] += 1
             self._feed_raw(dumps(item), counted=True)
 
     # -- size --
@@ -876,7 +960,14 @@ class SyncQueue(Generic[T]):
         put and get). Works on every platform, macOS included. 0 after an immediate shutdown."""
         if self._state[_SHUTDOWN] == _SHUT_IMMEDIATE:
             return 0
-        return max(int(self._state[_COUNT]), 0)
+        return max(self._queued(), 0)
+
+    def _queued(self) -> int:
+        """Items written and not read, plus those held by feeder threads (which may be briefly
+        counted twice as they are written, never missed)."""
+        state = self._state
+        held = sum(state[_FEEDERS + 1 : _STATE_SLOTS : 2]) + state[_UNRECORDED]
+        return int(state[_PUT] - state[_TAKEN] + held)
 
     def empty(self) -> bool:
         """True if :meth:`qsize` is 0."""
@@ -917,11 +1008,13 @@ class SyncQueue(Generic[T]):
     def _discard_queued(self) -> None:
         feeder = self._feeder
         if feeder is not None:
-            self._uncount(feeder.discard())
+            self.discard_taken(feeder.discard())
         fd = self._reader.fileno()
         try:
-            if self._partial is not None and self._finish_partial() is not None:
-                self._uncount(1)
+            if self._partial is not None:
+                data = self._finish_partial()
+                if data and data[0] == _PROTO:
+                    self.discard_taken(1)
         except BrokenResourceError:
             return
         try:
@@ -933,27 +1026,21 @@ class SyncQueue(Generic[T]):
             while available(fd):
                 self._r.begin_item()
                 data = read_frame_watched(fd, self._check_cut)
+                self._count_taken([data])
                 self._r.end_item()
-                if not _is_mark(data):
-                    self._uncount(1)
+                if data and data[0] == _PROTO:
+                    self.discard_taken(1)
         except BrokenResourceError:  # the stream is cut: what is left cannot be read anyway
             pass
         finally:
             self._r.release()
-
-    def _uncount(self, n: int) -> None:
-        """``n`` queued items were discarded: not queued any more, and done."""
-        if n:
-            with self._s:
-                self._state[_COUNT] -= n
-            self.discard_taken(n)
 
     def _drained_after_shutdown(self) -> bool:
         """Shut down, and no item is left in the pipe or in any process's feeder (the count covers
         both): a getter that found the pipe empty can stop without waiting for the marker."""
         state = self._state
         return bool(state[_SHUTDOWN]) and (
-            state[_SHUTDOWN] == _SHUT_IMMEDIATE or state[_COUNT] <= 0
+            state[_SHUTDOWN] == _SHUT_IMMEDIATE or self._queued() <= 0
         )
 
     def _check_broken(self) -> None:
@@ -990,7 +1077,6 @@ class SyncQueue(Generic[T]):
                     continue
                 n = int(state[at + 1])
                 state[at], state[at + 1] = 0, 0
-                state[_COUNT] -= n
                 if self._joinable:
                     state[_UNFINISHED] -= n
             self.release_room(n)
@@ -1016,7 +1102,7 @@ class SyncQueue(Generic[T]):
     def end_stream(self, error: BaseException) -> None:
         """Put an end marker behind every item queued: each reader, in every process, hands out
         those items, then raises ``error`` (``Queue.link``, when its producers have exited)."""
-        self._feed_raw(bytes(dumps(EndMarker(error))))
+        self._feed_raw(_END + dumps(error))
 
     def _check_shutdown(self) -> None:
         if self._state[_SHUTDOWN]:
@@ -1111,10 +1197,6 @@ def _write_whole(fd: int, buf: bytes, check: Callable[[], None]) -> None:
                 poller.register(fd, select.POLLOUT)
             if not poller.poll(POLL_SLICE * 1000):
                 check()
-
-
-def _is_mark(data: Frame) -> bool:
-    return len(data) == len(_MARK) and data == _MARK
 
 
 __all__ = [

@@ -107,7 +107,7 @@ class _QueueLink:
             queue.end_here(
                 BrokenResourceError(
                     "a producer died in the middle of putting an item into the queue, which cut "
-                    f"its stream: no process can get from it any more ({exits})"
+                    f"the queue's stream: no process can get from it any more ({exits})"
                 )
             )
         elif last and not queue.is_shutdown:  # after a shutdown, getters end with ShutDown

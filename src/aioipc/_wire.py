@@ -22,6 +22,7 @@ import copyreg
 import errno
 import io
 import os
+import pickle
 import select
 import struct
 import sys
@@ -96,8 +97,16 @@ def _reducer_tables() -> tuple[int, int]:
 _pickling = _Pickling()
 
 
+#: Types the C pickler writes itself, before it consults any reducer table: for these, plain
+#: ``pickle.dumps`` gives the very bytes a ForkingPickler would (same default protocol), at less
+#: than half the cost.
+_ATOMS = frozenset({int, float, str, bytes, bool, type(None)})
+
+
 def dumps(obj: object) -> memoryview:
     """Pickle ``obj`` for another process, or raise TypeError naming its type."""
+    if type(obj) in _ATOMS:
+        return memoryview(pickle.dumps(obj, pickle.DEFAULT_PROTOCOL))
     state = _pickling
     try:
         if state.busy:  # called from inside a __reduce__ of the object being pickled
