@@ -35,7 +35,6 @@ import socket
 import stat
 import threading
 import weakref
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from multiprocessing import context
@@ -45,8 +44,8 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import _fork
 from ._bridge import Job, Reader, Writer
-from ._exceptions import BrokenResourceError, BusyResourceError, ClosedResourceError
-from ._loops import Checkpointer, FdWatch, Waiter, current_loop
+from ._exceptions import BrokenResourceError, ClosedResourceError
+from ._loops import Checkpointer, FdWatch, Turns
 from ._resource import AsyncResource
 from ._wire import HEADER, PIPE_BUF, POLL_SLICE, READ_CHUNK, Wire, dumps, write_frame
 from ._wire import header as frame_header
@@ -116,58 +115,6 @@ class _WireSource:
         if self._hand_back and not wire.in_message:
             wire.thread_owned = False
         return frames, wire.end
-
-
-class _Turns:
-    """The receivers of one connection end take turns, first come first served.
-
-    They all wait on one event loop at a time (the fd's readiness can be awaited by one task
-    only); a receiver on another thread's loop while the turns are taken gets
-    :class:`aioipc.BusyResourceError`.
-    """
-
-    __slots__ = ("_thread", "_waiters", "busy")
-
-    def __init__(self) -> None:
-        self.busy = False
-        self._thread = 0
-        self._waiters: deque[Waiter] = deque()
-
-    async def acquire(self) -> None:
-        if not self.busy:
-            self.busy = True
-            self._thread = threading.get_ident()
-            return
-        if threading.get_ident() != self._thread:
-            raise BusyResourceError(
-                "this connection end is being received from on another thread's event loop: "
-                "one end is received from on one event loop at a time"
-            )
-        loop = current_loop()
-        waiter = Waiter(loop, 1)
-        self._waiters.append(waiter)
-        try:
-            await loop.park(waiter, self._abort)
-        except BaseException:
-            if waiter.items is not None:  # the turn was given to us: pass it on
-                self.release()
-            else:
-                waiter.dead = True
-            raise
-
-    @staticmethod
-    def _abort(waiter: Waiter) -> None:
-        waiter.dead = True
-
-    def release(self) -> None:
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.dead:
-                waiter.items = []
-                waiter.loop.wake(waiter)
-                return
-        self.busy = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +199,10 @@ class Connection(AsyncResource, Generic[SendT, RecvT]):
         self._source = _WireSource(self._wire, hand_back=self._readiness)
         self._reader: Reader[bytes] = Reader(self._source, name="connection", prefetch=0)
         self._writer = Writer("connection")
-        self._turns = _Turns()
+        self._turns = Turns(
+            "this connection end is being received from on another thread's event loop: "
+            "one end is received from on one event loop at a time"
+        )
         self._taken = 0  # frames taken from the reader thread
         self._receiving = 0
         self._checkpoints = Checkpointer()

@@ -14,12 +14,14 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import anyio
 
 from . import _fork
+from ._exceptions import BusyResourceError
 
 __all__ = [
     "CHECKPOINT_ITEMS",
@@ -28,6 +30,7 @@ __all__ = [
     "Checkpointer",
     "FdWatch",
     "LoopHandle",
+    "Turns",
     "Waiter",
     "current_loop",
     "wait_readable",
@@ -293,6 +296,66 @@ class Checkpointer:
 # --------------------------------------------------------------------------------------------
 
 
+class Turns:
+    """Coroutines of one event loop take turns at something only one may do at a time (wait on a
+    private epoll for a channel's fd), first come first served.
+
+    :attr:`busy` while a coroutine has the turn; :meth:`acquire` on another thread's loop while
+    it is busy raises :class:`aioipc.BusyResourceError` with ``busy_message`` (check
+    :meth:`held_elsewhere` first to go another way instead).
+    """
+
+    __slots__ = ("_busy_message", "_thread", "_waiters", "busy")
+
+    def __init__(self, busy_message: str) -> None:
+        self.busy = False
+        self._busy_message = busy_message
+        self._thread = 0
+        self._waiters: deque[Waiter] = deque()
+
+    def held_elsewhere(self) -> bool:
+        """The turn is held on another thread's event loop."""
+        return self.busy and self._thread != threading.get_ident()
+
+    async def acquire(self) -> None:
+        """Wait for the turn.
+
+        **Cancellation**: safe; a turn given to a cancelled coroutine passes to the next.
+        """
+        if not self.busy:
+            self.busy = True
+            self._thread = threading.get_ident()
+            return
+        if self._thread != threading.get_ident():
+            raise BusyResourceError(self._busy_message)
+        loop = current_loop()
+        waiter = Waiter(loop, 1)
+        self._waiters.append(waiter)
+        try:
+            await loop.park(waiter, _abort_turn)
+        except BaseException:
+            if waiter.items is not None:  # the turn was given to us: pass it on
+                self.release()
+            else:
+                waiter.dead = True
+            raise
+
+    def release(self) -> None:
+        """Give the turn to the next coroutine waiting for it (it runs once this one yields)."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.dead:
+                waiter.items = []
+                waiter.loop.wake(waiter)
+                return
+        self.busy = False
+
+
+def _abort_turn(waiter: Waiter) -> None:
+    waiter.dead = True
+
+
 class FdWatch:
     """Waits until one file descriptor is readable, on the running event loop, one waiter at a
     time.
@@ -309,10 +372,10 @@ class FdWatch:
         self._on_idle = on_idle
         #: The asyncio loop the fd is registered with, if any.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._future: asyncio.Future[None] | None = None
+        self._future: asyncio.Future[bool] | None = None
 
-    async def wait(self) -> None:
-        """Return once the fd is readable.
+    async def wait(self, at_most: float | None = None) -> bool:
+        """Return True once the fd is readable; False if ``at_most`` seconds passed first.
 
         **Cancellation**: safe; the fd is not read.
         """
@@ -321,22 +384,30 @@ class FdWatch:
         except RuntimeError:
             import trio
 
-            await trio.lowlevel.wait_readable(self.fd)
-            return
+            if at_most is None:
+                await trio.lowlevel.wait_readable(self.fd)
+                return True
+            with trio.move_on_after(at_most):
+                await trio.lowlevel.wait_readable(self.fd)
+                return True
+            return False
         if self._loop is not loop:
             loop.add_reader(self.fd, self._on_readable, loop)
             self._loop = loop
         self._future = future = loop.create_future()
+        timer = None if at_most is None else loop.call_later(at_most, _expire, future)
         try:
-            await future
+            return bool(await future)
         finally:
             self._future = None
+            if timer is not None:
+                timer.cancel()
 
     def _on_readable(self, loop: asyncio.AbstractEventLoop) -> None:
         future = self._future
         if future is not None and future.get_loop() is loop:
             if not future.done():
-                future.set_result(None)
+                future.set_result(True)
             return
         self._on_idle(loop)
 
@@ -360,6 +431,11 @@ class FdWatch:
             watcher.remove_reader(self.fd)
         self._loop = None
         return True
+
+
+def _expire(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(False)
 
 
 async def wait_readable(fd: int) -> None:

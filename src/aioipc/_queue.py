@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import queue as stdlib_queue
+import select
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -17,7 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ._bridge import Job, Reader, Writer
 from ._exceptions import Empty, Full, ShutDown
-from ._loops import Checkpointer, current_loop
+from ._loops import Checkpointer, FdWatch, Turns, current_loop
 from ._mpqueue import (
     MAXSIZE_LIMIT,
     NOTHING,
@@ -28,7 +30,7 @@ from ._mpqueue import (
 )
 from ._resource import AsyncResource
 from ._supervision import link_producers
-from ._wire import POLL_SLICE, dumps
+from ._wire import POLL_SLICE, available, dumps
 
 T = TypeVar("T")
 
@@ -40,6 +42,9 @@ DEFAULT_PREFETCH = 0
 _ROOM_FIRST_SLEEP = 0.001
 #: The largest ``prefetch`` accepted: a bound on the memory one process may hold.
 MAX_PREFETCH = 1 << 20
+#: A getter waits for the shared queue's pipe on the event loop itself (a private epoll, see
+#: ``Queue._wait_shared``) where the system has epoll; elsewhere the reader thread waits.
+_LOOP_WAITS = hasattr(select, "epoll")
 
 
 def _check_prefetch(prefetch: object) -> int:
@@ -277,6 +282,16 @@ class Queue(AsyncResource, Generic[T]):
         self._owns_channel = not isinstance(channel, _Foreign) and owner
         #: What supervision sees of this queue, once ``link()`` was called.
         self._supervised: _Supervised | None = None
+        #: A getter may wait for the pipe on the event loop (one at a time: ``_watching``), with
+        #: a private epoll made by the process in ``_watch_pid``.
+        self._loop_waits = _LOOP_WAITS and isinstance(channel, SyncQueue)
+        self._epoll: Any = None
+        self._watch: FdWatch | None = None
+        self._watch_pid = 0
+        self._watching = False
+        #: The getters of one loop take turns at watching (FIFO); ``_turn_getters`` of them wait.
+        self._turns = Turns("the queue is being watched from another thread's event loop")
+        self._turn_getters = 0
 
     def __getstate__(self) -> tuple[Any, int]:
         context.assert_spawning(self)
@@ -384,16 +399,102 @@ class Queue(AsyncResource, Generic[T]):
         elif loop.maybe_cancelled():
             await loop.checkpoint_if_cancelled()
         reader = self._reader
-        if reader.idle:
+        if reader.idle and not self._turns.busy:
             item = self._take_shared(owe=False)
+            if item is NOTHING and self._loop_waits:
+                item = await self._wait_in_turn(tried=True)
         else:
             try:
                 item = reader.take_nowait()
             except IndexError:
                 item = NOTHING
+            if item is NOTHING and self._loop_waits and not self._turns.held_elsewhere():
+                item = await self._wait_in_turn(tried=False)
         if item is NOTHING:  # wait, outside any except clause: nothing internal is chained
             item = (await reader.take(1))[0]
         return self._hand_out(item)
+
+    async def _wait_in_turn(self, *, tried: bool) -> Any:
+        """Wait for an item in this loop's turn (getters of one loop wait first come, first
+        served; only the first watches the pipe), and take it on the loop's thread.
+
+        :data:`NOTHING` sends the getter on to the reader thread. It leaves the turn right before
+        it goes, and the next getter runs only once this one is parked in the reader's FIFO, so
+        it goes there behind this one: the order holds. ``tried``: the pipe was found empty just
+        now.
+
+        **Cancellation**: safe; a cancelled getter read nothing, and passes the turn on.
+        """
+        turns = self._turns
+        self._turn_getters += 1
+        try:
+            await turns.acquire()
+        except BaseException:
+            self._turn_getters -= 1
+            raise
+        try:
+            item = NOTHING
+            if self._reader.idle:
+                if not tried:
+                    item = self._take_shared(owe=False)
+                if item is NOTHING:
+                    item = await self._wait_shared()
+            return item
+        finally:
+            self._turn_getters -= 1
+            turns.release()
+
+    async def _wait_shared(self) -> Any:
+        """Wait on the event loop's own thread until an item arrives in the shared queue's pipe,
+        and take it there: no thread hop, which is what makes a round trip fast.
+
+        It waits one slice (POLL_SLICE) at most: :data:`NOTHING` hands the wait over to the
+        reader thread, which looks after shutdown, dead processes and closing between its slices,
+        and takes what this cannot take at once (the read lock is busy, a frame arrived in part,
+        a control frame). A wake-up that finds the pipe empty (another process took the item, or
+        the loop reported readiness seen before the last read) waits again.
+
+        **Cancellation**: safe; nothing is read while this waits.
+        """
+        channel = cast(SyncQueue[T], self._channel)
+        pid = os.getpid()
+        if self._watch is None or self._watch_pid != pid:
+            # A forked child makes its own: an epoll is shared with the process it came from.
+            self._epoll = select.epoll()
+            self._epoll.register(channel.reader_fd, select.EPOLLIN)
+            self._watch = FdWatch(self._epoll.fileno(), self._on_idle_readable)
+            self._watch_pid = pid
+        watch = self._watch
+        deadline = time.monotonic() + POLL_SLICE
+        self._watching = True
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not await watch.wait(left) or not self._reader.idle:
+                    return NOTHING
+                item = self._take_shared(owe=True)
+                if item is not NOTHING or channel.has_partial or available(channel.reader_fd):
+                    return item
+        finally:
+            self._watching = False
+            if self._closed:
+                self._release_watch()
+
+    def _on_idle_readable(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``'s thread: data arrived while no getter waits there: stop watching, or the
+        loop would spin (the next wait watches again)."""
+        if self._watch is not None:
+            self._watch.stop(loop)
+
+    def _release_watch(self) -> None:
+        """Close this process's epoll once no loop watches it (a loop running on another thread
+        keeps it until the queue is collected)."""
+        watch = self._watch
+        if watch is None or self._watching or self._watch_pid != os.getpid():
+            return
+        if watch.release():
+            self._epoll.close()
+            self._watch = self._epoll = None
 
     async def get_batch(self, max_items: int) -> list[T]:
         """Wait for at least one item, and return it with those already available, up to
@@ -407,16 +508,15 @@ class Queue(AsyncResource, Generic[T]):
         await self._checkpoints.tick()
         self._check_open()
         items = self._reader.take_many_nowait(max_items)
-        if self._reader.idle:
-            try:
-                while len(items) < max_items:
-                    item = self._take_shared(owe=False)
-                    if item is NOTHING:
-                        break
-                    items.append(item)
-            except BaseException:
-                self._reader.give_back(items)
-                raise
+        tried = self._reader.idle and not self._turns.busy
+        if tried:
+            self._take_more(items, max_items)
+        if not items and self._loop_waits and not self._turns.held_elsewhere():
+            item = await self._wait_in_turn(tried=tried)
+            if item is not NOTHING:
+                items.append(item)
+                if self._reader.idle:
+                    self._take_more(items, max_items)
         if not items:
             items = await self._reader.take(max_items)
         for i, item in enumerate(items):
@@ -433,6 +533,18 @@ class Queue(AsyncResource, Generic[T]):
         if type(items[-1]) is UnpicklingFailed:
             cast(UnpicklingFailed, items.pop()).raise_error()
         return items
+
+    def _take_more(self, items: list[Any], max_items: int) -> None:
+        """Add items that have arrived in the shared queue to ``items``, up to ``max_items``."""
+        try:
+            while len(items) < max_items:
+                item = self._take_shared(owe=False)
+                if item is NOTHING:
+                    return
+                items.append(item)
+        except BaseException:
+            self._reader.give_back(items)
+            raise
 
     def get_nowait(self) -> T:
         """Remove and return an item that has arrived, or raise :class:`aioipc.Empty`.
@@ -457,7 +569,8 @@ class Queue(AsyncResource, Generic[T]):
                     raise copy.copy(end) from None  # the reader keeps the original, untouched
                 item = items[0]
             else:
-                item = self._take_shared(owe=True) if self._reader.idle else NOTHING
+                idle = self._reader.idle and not self._turns.busy
+                item = self._take_shared(owe=True) if idle else NOTHING
                 if item is NOTHING:
                     channel = self._channel
                     if channel.is_shutdown and channel.qsize() <= 0:
@@ -589,6 +702,7 @@ class Queue(AsyncResource, Generic[T]):
         self._closed = True
         self._writer.close()
         self._joiner.close()
+        self._release_watch()
         leftover = self._reader.close()
         self._channel.giveback(leftover)
         if self._owns_channel:
@@ -598,7 +712,7 @@ class Queue(AsyncResource, Generic[T]):
         """A snapshot of this queue as seen from this process."""
         reader, writer = self._reader.statistics(), self._writer.statistics()
         return QueueStatistics(
-            waiting_getters=reader["waiting"],
+            waiting_getters=reader["waiting"] + self._turn_getters,
             waiting_putters=writer["waiting"],
             buffered=reader["buffered"],
             qsize=0 if self._closed else self.qsize(),
