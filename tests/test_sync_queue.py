@@ -87,6 +87,29 @@ def test_get_after_shutdown_waits_for_items_still_on_their_way(
         queue.get(timeout=5)
 
 
+def test_items_put_while_the_pipe_is_full_arrive_whole_and_in_order(
+    queue: aioipc.SyncQueue[bytes],
+) -> None:
+    items = [i.to_bytes(4, "big") * 256 for i in range(1_000)]  # 1 MiB in 1 KiB items
+    for item in items:
+        queue.put(item)  # never waits: what the pipe has no room for waits in this process
+    assert [queue.get(timeout=5) for _ in items] == items
+
+
+def test_small_and_large_items_queued_behind_a_busy_writer_keep_their_order(
+    queue: aioipc.SyncQueue[bytes],
+) -> None:
+    items = [b"a", b"b" * 100_000, b"c", b"d" * 3_000, b"e" * 200_000, b"f"]
+    queue._wlock.acquire()  # another writer holds the write lock: every item waits here
+    try:
+        for item in items:
+            queue.put(item)
+        assert queue.qsize() == len(items)
+    finally:
+        queue._wlock.release()
+    assert [queue.get(timeout=5) for _ in items] == items
+
+
 def test_a_new_queue_is_not_shut_down(queue: aioipc.SyncQueue[int]) -> None:
     assert not queue.is_shutdown
 

@@ -23,7 +23,6 @@ import select
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from multiprocessing import context, util
 from multiprocessing.connection import Pipe
 from multiprocessing.reduction import ForkingPickler
@@ -43,6 +42,7 @@ from ._wire import (
     read_available,
     read_frame_watched,
     read_watched,
+    write_nowait,
     write_watched,
 )
 
@@ -306,9 +306,23 @@ class _Partial:
         self.got = got
 
 
+#: What :meth:`_Feeder._write_small` stopped at.
+_EMPTY, _FULL, _LARGE = 0, 1, 2
+
+
 class _Feeder:
-    """This process's writer thread: takes pickled items from ``put`` and writes them to the pipe
-    under the shared write lock, so that ``put`` never waits for room in the pipe."""
+    """The pickles this process put that could not be written at once (the pipe was full, or
+    another process was writing), in order, and the thread that writes them once there is room:
+    ``put`` never waits for room in the pipe.
+
+    Whoever holds ``_writing`` writes from the buffer: the thread, or a ``put`` that finds it
+    free (:meth:`write_ready`). The second keeps the pipe fed while this process's own code keeps
+    the GIL busy, which would otherwise let the thread write once per switch interval (5 ms).
+    Small frames go in groups of at most PIPE_BUF bytes, each written whole or not at all without
+    waiting, so the stream is at an item boundary whatever happens to this process; the thread
+    waits for room holding no lock. Only a larger frame is "in an item": the thread alone writes
+    it, holding the write lock until it is whole (a process killed meanwhile cuts the stream).
+    """
 
     def __init__(self, queue: SyncQueue[Any], *, join_at_exit: bool) -> None:
         self.join_at_exit = join_at_exit
@@ -325,9 +339,19 @@ class _Feeder:
         self._cond = threading.Condition(threading.Lock())
         #: Pickles to write, each with whether it is a counted item (not a marker).
         self._buffer: collections.deque[tuple[memoryview | bytes, bool]] = collections.deque()
+        #: Held by whoever writes from the buffer.
+        self._writing = threading.Lock()
         #: Items taken from the buffer and not yet written.
         self._inflight = 0
+        #: The thread waits for something to write (not for room).
+        self._asleep = False
         self._closing = False
+        #: Whether the pipe has room for a write of PIPE_BUF bytes: ``_poller`` for the thread,
+        #: ``_room`` for puts (a poll object serves one thread at a time).
+        self._poller = select.poll()
+        self._poller.register(self._fd, select.POLLOUT)
+        self._room = select.poll()
+        self._room.register(self._fd, select.POLLOUT)
         self._thread = threading.Thread(target=self._run, name="aioipc-queue-feeder", daemon=True)
         self._thread.start()
         # Flush what this process put before it exits (multiprocessing's own queues do the same).
@@ -345,13 +369,34 @@ class _Feeder:
         return n
 
     def put(self, data: memoryview | bytes, counted: bool) -> None:
-        """Hand a pickle to the thread; ``counted`` if it is an item (it holds a slot of a
-        bounded queue and is counted as queued), not a marker."""
-        with self._cond:
+        """Add a pickle behind the others, and write what can be written now; ``counted`` if it
+        is an item (it holds a slot of a bounded queue and is counted as queued), not a marker."""
+        cond = self._cond
+        with cond:
             self._buffer.append((data, counted))
             if counted:
                 self._count(1)
-            self._cond.notify()
+        if not self.write_ready():
+            with cond:
+                if self._asleep:
+                    cond.notify()
+
+    def write_ready(self) -> bool:
+        """Write the small frames at the front of the buffer while the pipe has room for them,
+        without waiting for anything; True if the buffer is empty after."""
+        if not self._writing.acquire(False):
+            return False
+        try:
+            if not self._room.poll(0) or not self._w.try_acquire():
+                return False
+            try:
+                return self._write_small() == _EMPTY
+            except OSError:  # the thread meets it again, and deals with it
+                return False
+            finally:
+                self._w.release()
+        finally:
+            self._writing.release()
 
     def _count(self, n: int) -> None:
         """Add ``n`` to the items this process holds unwritten (cond held)."""
@@ -363,33 +408,94 @@ class _Feeder:
             with self._s:
                 self._state[_UNRECORDED] += n
 
-    def _write_group(self, group: list[bytes | memoryview], counted: int) -> None:
-        """Write small frames in one piece; count their items written just before (a reader may
-        count an item a moment early, never late), and no longer held by this process after."""
-        self._state[_PUT] += counted
-        _write_whole(self._fd, b"".join(group), self._check)
-        if counted:
+    def _take(self) -> list[tuple[memoryview | bytes, bool]]:
+        """Take the small frames at the front of the buffer, up to PIPE_BUF bytes in all (cond
+        held; none if a large frame is first)."""
+        buffer = self._buffer
+        size = taken = 0
+        for data, _ in buffer:
+            size += len(data) + HEADER.size
+            if size > PIPE_BUF:
+                break
+            taken += 1
+        self._inflight = taken  # before the buffer shrinks: see idle()
+        return [buffer.popleft() for _ in range(taken)]
+
+    def _write_small(self) -> int:
+        """Write groups of small frames from the front of the buffer, each whole or not at all,
+        until it is empty (:data:`_EMPTY`), the pipe has no room for the next group
+        (:data:`_FULL`), or a large frame is next (:data:`_LARGE`). ``_writing`` and the write
+        lock are held. Items are counted written just before their write (a reader may count an
+        item a moment early, never late), and no longer held by this process after."""
+        cond, state = self._cond, self._state
+        while True:
+            with cond:
+                if not self._buffer:
+                    return _EMPTY
+                group = self._take()
+            if not group:
+                return _LARGE
+            counted = sum(is_item for _, is_item in group)
+            state[_PUT] += counted
+            try:
+                write_nowait(
+                    self._fd, b"".join([part for data, _ in group for part in frame(data)])
+                )
+            except BaseException as exc:
+                state[_PUT] -= counted
+                with cond:  # back to the front, in order
+                    self._buffer.extendleft(reversed(group))
+                    self._inflight = 0
+                if isinstance(exc, BlockingIOError):
+                    return _FULL
+                raise
+            with cond:
+                self._count(-counted)
+                self._inflight = 0
+
+    def _write_large(self) -> None:
+        """Write the large frame at the front of the buffer, waiting for room as long as it takes
+        (``_writing`` and the write lock are held). If that fails, the item is dropped."""
+        with self._cond:
+            data, counted = self._buffer.popleft()
+            self._inflight = 1
+        try:
+            self._state[_PUT] += counted
+            self._w.begin_item()
+            for chunk in frame(data):
+                write_watched(self._fd, chunk, self._check)
+            self._w.end_item()
+        finally:
             with self._cond:
                 self._count(-counted)
+                self._inflight = 0
 
     def _run(self) -> None:
         cond, buffer = self._cond, self._buffer
         while True:
             with cond:
+                self._asleep = True
                 while not buffer and not self._closing:
                     cond.wait()
-                self._inflight = len(buffer)  # before the buffer empties: see idle()
-                batch = list(buffer)
-                buffer.clear()
-                if not batch:
+                self._asleep = False
+                if not buffer:
                     cond.notify_all()
                     return
+            if not self._writing.acquire(False):
+                time.sleep(0)  # a put is writing: let it finish
+                continue
             try:
-                self._w.acquire(None)
                 try:
-                    self._write(batch)
+                    self._w.acquire(None)
+                    try:
+                        while (stop := self._write_small()) == _LARGE:
+                            self._write_large()
+                    finally:
+                        self._w.release()
                 finally:
-                    self._w.release()
+                    self._writing.release()
+                if stop == _FULL and not self._poller.poll(POLL_SLICE * 1000):
+                    self._check()  # no room yet: wait on, unless nobody will read any more
             except (OSError, BrokenResourceError) as exc:
                 # Every reader is gone, or the stream is cut: nothing can be delivered any more.
                 if isinstance(exc, OSError) and exc.errno not in (errno.EPIPE, errno.EBADF):
@@ -398,38 +504,6 @@ class _Feeder:
                     self._count(-sum(1 for _, counted in buffer if counted))
                     buffer.clear()
                     self._closing = True
-            finally:
-                self._inflight = 0
-
-    def _write(self, batch: list[tuple[memoryview | bytes, bool]]) -> None:
-        """Write a batch of pickles as frames (write lock held). Small frames go in groups of at
-        most PIPE_BUF bytes, each written whole or not at all, so the stream is at an item
-        boundary whatever happens to this process; only a larger frame is "in an item" (a
-        process killed while writing one cuts the stream)."""
-        fd, w, check = self._fd, self._w, self._check
-        group: list[bytes | memoryview] = []
-        size = counted_in_group = 0
-        for data, counted in batch:
-            n = len(data) + HEADER.size
-            if size + n > PIPE_BUF and group:
-                self._write_group(group, counted_in_group)
-                group = []
-                size = counted_in_group = 0
-            if n <= PIPE_BUF:
-                group += frame(data)
-                size += n
-                counted_in_group += counted
-            else:
-                self._state[_PUT] += counted
-                w.begin_item()
-                for chunk in frame(data):
-                    write_watched(fd, chunk, check)
-                w.end_item()
-                if counted:
-                    with self._cond:
-                        self._count(-1)
-        if group:
-            self._write_group(group, counted_in_group)
 
     @property
     def idle(self) -> bool:
@@ -1181,22 +1255,6 @@ class SyncQueue(Generic[T]):
         self._join_feeder_at_exit = False
         if self._feeder is not None:
             self._feeder.join_at_exit = False
-
-
-def _write_whole(fd: int, buf: bytes, check: Callable[[], None]) -> None:
-    """Write at most PIPE_BUF bytes to the non-blocking pipe in one piece, waiting for room in
-    slices (``check`` raises between two if the stream was cut)."""
-    poller: select.poll | None = None
-    while True:
-        try:
-            os.write(fd, buf)
-            return
-        except BlockingIOError:  # all or nothing: wait until the pipe has room for it
-            if poller is None:
-                poller = select.poll()
-                poller.register(fd, select.POLLOUT)
-            if not poller.poll(POLL_SLICE * 1000):
-                check()
 
 
 __all__ = [

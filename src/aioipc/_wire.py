@@ -158,6 +158,42 @@ def write_frame(fd: int, chunks: list[bytes | memoryview], skip: int = 0) -> Non
             skip = os.writev(fd, chunks)
 
 
+def _write_keeping_gil() -> tuple[Callable[[int, bytes, int], int], Callable[[], int]] | None:
+    """The C library's ``write``, called without releasing the GIL (``ctypes.PyDLL``), and the
+    ``errno`` it left; None if ctypes cannot reach it."""
+    try:
+        import ctypes
+
+        write = ctypes.PyDLL(None, use_errno=True).write
+    except (ImportError, OSError, AttributeError):
+        return None
+    write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+    write.restype = ctypes.c_ssize_t
+    return write, ctypes.get_errno
+
+
+_KEEPING_GIL = _write_keeping_gil()
+
+
+def write_nowait(fd: int, buf: bytes) -> None:
+    """Write ``buf``, at most PIPE_BUF bytes, to the non-blocking pipe ``fd``: whole, or not at all
+    (``BlockingIOError``: no room for it now).
+
+    The calling thread keeps the GIL through the system call, which cannot wait. A thread that
+    writes while holding a lock other threads try (a queue's feeder) then never has to win the
+    GIL back from a busy thread before it can let go of the lock: otherwise it could hold the lock
+    for a whole switch interval (5 ms) after every write.
+    """
+    if _KEEPING_GIL is None:
+        os.write(fd, buf)
+        return
+    write, get_errno = _KEEPING_GIL
+    while write(fd, buf, len(buf)) < 0:
+        code = get_errno()
+        if code != errno.EINTR:
+            raise OSError(code, os.strerror(code))  # EAGAIN makes a BlockingIOError
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
