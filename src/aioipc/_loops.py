@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
 import anyio
@@ -95,17 +95,8 @@ class LoopHandle:
     def wake(self, waiter: Waiter) -> None:
         raise NotImplementedError
 
-    async def checkpoint(self) -> None:
-        raise NotImplementedError
-
-    async def checkpoint_if_cancelled(self) -> None:
-        """Raise the cancellation of the calling task if one is pending; else return at once."""
-        raise NotImplementedError
-
-    def maybe_cancelled(self) -> bool:
-        """False when the calling task surely has no cancellation pending (a cheap look, so that
-        a fast path can skip :meth:`checkpoint_if_cancelled`)."""
-        return True
+    #: Yield to the loop (a cancellation point).
+    checkpoint: Callable[[], Awaitable[None]]
 
 
 class _AsyncioLoop(LoopHandle):
@@ -133,39 +124,60 @@ class _AsyncioLoop(LoopHandle):
     async def checkpoint(self) -> None:
         await asyncio.sleep(0)
 
-    async def checkpoint_if_cancelled(self) -> None:
-        if self.maybe_cancelled():
-            await asyncio.sleep(0)
 
-    def maybe_cancelled(self) -> bool:
-        task = asyncio.current_task(self._loop)
-        if task is None:
-            return False
-        # A plain asyncio cancellation not delivered yet (the task has not waited since
-        # ``task.cancel()``): ``Task._must_cancel``, on the C and the Python task alike.
-        if getattr(task, "_must_cancel", True):
-            return True
-        # An anyio cancel scope cancelled while this task ran (anyio's asyncio backend delivers
-        # it at the task's next wait).
+#: The task :func:`_asyncio_cancel_pending` looked at last, and anyio's state of that task (a
+#: task's state stays the same object while it runs; looking it up costs a weak reference).
+_last_task_state: tuple[Callable[[], object], object] = (lambda: None, None)
+
+
+def _asyncio_cancel_pending(loop: asyncio.AbstractEventLoop) -> bool:
+    """False when the task running on ``loop`` surely has no cancellation pending (a cheap look,
+    so that a fast path can skip a yield to the loop)."""
+    task = asyncio.current_task(loop)
+    if task is None:
+        return False
+    # A plain asyncio cancellation not delivered yet (the task has not waited since
+    # ``task.cancel()``): ``Task._must_cancel``, on the C and the Python task alike.
+    if getattr(task, "_must_cancel", True):
+        return True
+    # An anyio cancel scope cancelled while this task ran (anyio's asyncio backend delivers
+    # it at the task's next wait).
+    global _last_task_state
+    last_task, state = _last_task_state
+    if last_task() is not task:
         anyio_asyncio = sys.modules.get("anyio._backends._asyncio")
         if anyio_asyncio is None:
             return False
         state = anyio_asyncio._task_states.get(task)
-        scope = getattr(state, "cancel_scope", None)
-        while scope is not None:
-            if scope.cancel_called:
-                return True
-            if scope.shield:
-                return False
-            scope = scope._parent_scope
-        return False
+        if state is not None:  # (anyio makes a task's state when it first needs it)
+            _last_task_state = (weakref.ref(task), state)
+    scope = getattr(state, "cancel_scope", None)
+    while scope is not None:
+        if scope.cancel_called:
+            return True
+        if scope.shield:
+            return False
+        scope = scope._parent_scope
+    return False
+
+
+def _trio_lowlevel() -> Any:
+    """``trio.lowlevel``, for a caller that runs on no asyncio loop."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        raise RuntimeError("aioipc needs a running asyncio, uvloop or trio event loop")
+    return trio.lowlevel
 
 
 class _TrioLoop(LoopHandle):
-    __slots__ = ("_token",)
+    __slots__ = ("_reschedule", "_token", "checkpoint")
 
     def __init__(self, token: Any) -> None:
+        import trio
+
         self._token = token
+        self._reschedule = trio.lowlevel.reschedule
+        self.checkpoint = trio.lowlevel.checkpoint
 
     def call_soon_threadsafe(self, callback: Callable[[], None]) -> None:
         import trio
@@ -187,19 +199,7 @@ class _TrioLoop(LoopHandle):
         await trio.lowlevel.wait_task_rescheduled(abort_fn)
 
     def wake(self, waiter: Waiter) -> None:
-        import trio
-
-        trio.lowlevel.reschedule(waiter.token)
-
-    async def checkpoint(self) -> None:
-        import trio
-
-        await trio.lowlevel.checkpoint()
-
-    async def checkpoint_if_cancelled(self) -> None:
-        import trio
-
-        await trio.lowlevel.checkpoint_if_cancelled()
+        self._reschedule(waiter.token)
 
 
 _asyncio_loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncioLoop] = (
@@ -216,11 +216,8 @@ _last_asyncio: tuple[object, _AsyncioLoop | None] = (None, None)
 def current_loop() -> LoopHandle:
     """The handle of the running event loop (asyncio, uvloop or trio)."""
     global _last_asyncio
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
+    loop = asyncio._get_running_loop()  # None outside asyncio (no exception to raise and catch)
+    if loop is not None:
         last, handle = _last_asyncio
         if last is loop and handle is not None:
             return handle
@@ -278,13 +275,28 @@ class Checkpointer:
     async def checkpoint(self) -> None:
         await current_loop().checkpoint()
 
+    def step(self) -> Awaitable[None] | None:
+        """Count one step of a fast path; return what it must await before it goes on, or None.
+
+        That is a yield to the loop when one is due; otherwise the loop's check for a pending
+        cancellation of the calling task (trio's ``checkpoint_if_cancelled``; on asyncio a yield
+        if one may be pending, None if surely not). No coroutine is made unless one is needed.
+        """
+        loop = asyncio._get_running_loop()
+        if loop is not None:
+            if self.due() or _asyncio_cancel_pending(loop):
+                return asyncio.sleep(0)
+            return None
+        lowlevel = _trio_lowlevel()
+        step: Awaitable[None]
+        step = lowlevel.checkpoint() if self.due() else lowlevel.checkpoint_if_cancelled()
+        return step
+
     async def tick(self) -> None:
         """A cancellation point that also yields to the loop now and then."""
-        loop = current_loop()
-        if self.due():
-            await loop.checkpoint()
-        elif loop.maybe_cancelled():
-            await loop.checkpoint_if_cancelled()
+        step = self.step()
+        if step is not None:
+            await step
 
     def reset(self) -> None:
         self._count = 0

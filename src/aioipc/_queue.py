@@ -19,7 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 from ._bridge import Job, Reader, Writer
 from ._exceptions import Empty, Full, ShutDown
-from ._loops import Checkpointer, FdWatch, Turns, current_loop
+from ._loops import Checkpointer, FdWatch, Turns
 from ._mpqueue import (
     MAXSIZE_LIMIT,
     NOTHING,
@@ -393,11 +393,9 @@ class Queue(AsyncResource, Generic[T]):
         timed-out ``get()`` loses nothing: an item the reader took for it stays in this process,
         ahead of newer items, for the next ``get()`` (and goes back into the queue at ``close()``).
         """
-        loop = current_loop()
-        if self._checkpoints.due():
-            await loop.checkpoint()
-        elif loop.maybe_cancelled():
-            await loop.checkpoint_if_cancelled()
+        step = self._checkpoints.step()
+        if step is not None:
+            await step
         reader = self._reader
         if reader.idle and not self._turns.busy:
             item = self._take_shared(owe=False)
