@@ -8,6 +8,7 @@ after a generous deadline, so that one broken case cannot stop the whole run.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import multiprocessing
@@ -175,13 +176,20 @@ def _rate(spans: list[w.Span]) -> Sample:
 
 
 def throughput(
-    kind: str, variant: str, payload: str, n: int, *, producers: int = 1, consumers: int = 1
+    kind: str,
+    variant: str,
+    payload: str,
+    n: int,
+    *,
+    producers: int = 1,
+    consumers: int = 1,
+    prefetch: int = 0,
 ) -> Sample:
     """Items per second from ``producers`` child processes to ``consumers`` consumers (this
     process if 1, else child processes that stop at a sentinel each)."""
     with deadline(), Children() as children:
         if kind == "queue":
-            receiver = sender = make_queue(variant)
+            receiver = sender = make_queue(variant, prefetch=prefetch)
             children.own(receiver)
         else:
             receiver, sender = make_pipe(variant, duplex=False)
@@ -322,6 +330,29 @@ def pending_gets(variant: str, loop: str, n: int) -> Sample:
         threads, rss = result.recv()
         seconds = w.now() - start
         return Sample(rss / 2**20, n, seconds, {"threads": float(threads)})
+
+
+def proxy_drain(prefetch: int, n: int) -> Sample:
+    """Items per second an asyncio consumer here takes from a manager's queue proxy that holds
+    ``n`` items, through ``aioipc.Queue.wrap(proxy, prefetch=...)``: every get of a proxy is a
+    round trip to the manager process, made by the reader thread."""
+    with deadline(), CTX.Manager() as manager:
+        proxy = manager.Queue()
+        for i in range(n):
+            proxy.put(i)
+        queue = aioipc.Queue.wrap(proxy, prefetch=prefetch)
+
+        async def drain() -> float:
+            started = time.perf_counter()
+            for _ in range(n):
+                await queue.get()
+            return time.perf_counter() - started
+
+        try:
+            seconds = asyncio.run(drain())
+        finally:
+            queue.close()
+        return Sample(n / seconds, n, seconds)
 
 
 def work_sharing(

@@ -341,15 +341,21 @@ class Queue(AsyncResource, Generic[T]):
         room runs in this queue's writer thread, which only reserves a slot; the item goes in on
         the caller's side, after the caller has resumed.
         """
-        await self._checkpoints.tick()
+        step = self._checkpoints.step()
+        if step is not None:
+            await step
         self._check_open()
         channel = self._channel
         if isinstance(channel, SyncQueue):
             data = dumps(item)
-            if self._writer.busy or not channel.acquire_room(False):
-                await self._writer.run(
-                    lambda job: _reserve_room(channel, job), lambda _: channel.release_room()
-                )
+            writer = self._writer
+            if writer.busy or not channel.acquire_room(False):
+                if not writer.busy:  # one yield first: consumers often free a slot meanwhile
+                    await self._checkpoints.checkpoint()
+                if writer.busy or not channel.acquire_room(False):
+                    await writer.run(
+                        lambda job: _reserve_room(channel, job), lambda _: channel.release_room()
+                    )
             channel.feed(data)
             return
         if not self._writer.busy:
