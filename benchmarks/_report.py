@@ -51,8 +51,8 @@ def _number(value: float, unit: str) -> str:
             if value >= scale:
                 return f"{value / scale:.3g}{suffix}/s"
         return f"{value:.3g}/s"
-    if unit == "x":
-        return f"{value:.1f}x"
+    if unit == "x":  # two decimals, as the targets have: 0.87x, not a "0.9x" that missed 0.90x
+        return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
     if unit == "threads":
         return f"{value:+.0f} threads"
     sign = "+" if unit == "MB" and value < 0 else ""
