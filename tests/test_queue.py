@@ -463,6 +463,30 @@ async def test_close_wakes_waiting_getters_with_closed_resource_error(
     assert len(errors) == 2
 
 
+async def test_close_wakes_a_getter_waiting_on_the_loop_without_waiting_out_its_slice(
+    own_queue: aioipc.Queue[Any],
+) -> None:
+    # A getter watching the pipe from the loop wakes through the queue's own closing eventfd:
+    # within a few turns of the loop, not at the end of its 50 ms slice.
+    queue = own_queue
+    done = anyio.Event()
+
+    async def getter() -> None:
+        with pytest.raises(aioipc.ClosedResourceError):
+            await queue.get()
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(getter)
+        await wait_until_waiting(queue, getters=1)
+        queue.close()
+        for _ in range(100):
+            if done.is_set():
+                break
+            await anyio.lowlevel.checkpoint()
+        assert done.is_set()
+
+
 async def test_every_call_after_close_raises_closed_resource_error(
     queue: aioipc.Queue[Any],
 ) -> None:

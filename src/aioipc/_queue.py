@@ -9,7 +9,7 @@ import queue as stdlib_queue
 import select
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from multiprocessing import context
 from multiprocessing.context import BaseContext
@@ -44,7 +44,11 @@ _ROOM_FIRST_SLEEP = 0.001
 MAX_PREFETCH = 1 << 20
 #: A getter waits for the shared queue's pipe on the event loop itself (a private epoll, see
 #: ``Queue._wait_shared``) where the system has epoll; elsewhere the reader thread waits.
-_LOOP_WAITS = hasattr(select, "epoll")
+_LOOP_WAITS = hasattr(select, "epoll") and hasattr(os, "eventfd")
+
+
+def _nothing() -> None:
+    pass
 
 
 def _check_prefetch(prefetch: object) -> int:
@@ -289,6 +293,10 @@ class Queue(AsyncResource, Generic[T]):
         self._watch: FdWatch | None = None
         self._watch_pid = 0
         self._watching = False
+        #: An eventfd in that epoll, written by ``close()``: it wakes a getter watching the pipe.
+        #: It is closed with the epoll, or when the queue is collected.
+        self._closing_fd = -1
+        self._close_closing_fd: Callable[[], object] = _nothing
         #: The getters of one loop take turns at watching (FIFO); ``_turn_getters`` of them wait.
         self._turns = Turns("the queue is being watched from another thread's event loop")
         self._turn_getters = 0
@@ -464,8 +472,12 @@ class Queue(AsyncResource, Generic[T]):
         pid = os.getpid()
         if self._watch is None or self._watch_pid != pid:
             # A forked child makes its own: an epoll is shared with the process it came from.
+            self._close_closing_fd()  # in a child: its copy of its parent's
             self._epoll = select.epoll()
             self._epoll.register(channel.reader_fd, select.EPOLLIN)
+            self._closing_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._close_closing_fd = weakref.finalize(self, os.close, self._closing_fd)
+            self._epoll.register(self._closing_fd, select.EPOLLIN)
             self._watch = FdWatch(self._epoll.fileno(), self._on_idle_readable)
             self._watch_pid = pid
         watch = self._watch
@@ -498,6 +510,7 @@ class Queue(AsyncResource, Generic[T]):
             return
         if watch.release():
             self._epoll.close()
+            self._close_closing_fd()
             self._watch = self._epoll = None
 
     async def get_batch(self, max_items: int) -> list[T]:
@@ -706,6 +719,8 @@ class Queue(AsyncResource, Generic[T]):
         self._closed = True
         self._writer.close()
         self._joiner.close()
+        if self._watching and self._watch_pid == os.getpid():
+            os.eventfd_write(self._closing_fd, 1)  # the getter watching the pipe wakes now
         self._release_watch()
         leftover = self._reader.close()
         self._channel.giveback(leftover)
