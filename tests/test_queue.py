@@ -86,18 +86,25 @@ async def test_get_waits_for_an_item_put_later(queue: aioipc.Queue[Any]) -> None
         assert await queue.get() == "late"
 
 
-async def test_many_waiting_getters_are_served_first_come_first_served(
-    queue: aioipc.Queue[Any],
+async def start_getters(
+    tg: Any, queue: aioipc.Queue[Any], numbers: range, results: list[tuple[int, int]]
 ) -> None:
-    results: list[tuple[int, int]] = []
+    """Start one getter per number, each once the previous one waits; each records what it got."""
 
     async def getter(n: int) -> None:
         results.append((n, await queue.get()))
 
+    for n in numbers:
+        tg.start_soon(getter, n)
+        await wait_until_waiting(queue, getters=n + 1)
+
+
+async def test_many_waiting_getters_are_served_first_come_first_served(
+    queue: aioipc.Queue[Any],
+) -> None:
+    results: list[tuple[int, int]] = []
     async with anyio.create_task_group() as tg:
-        for n in range(5):
-            tg.start_soon(getter, n)
-            await wait_until_waiting(queue, getters=n + 1)
+        await start_getters(tg, queue, range(5), results)
         for i in range(5):
             await queue.put(i)
     assert sorted(results) == [(n, n) for n in range(5)]
@@ -107,20 +114,12 @@ async def test_getters_keep_their_order_when_their_wait_moves_to_the_reader_thre
     queue: aioipc.Queue[Any],
 ) -> None:
     results: list[tuple[int, int]] = []
-
-    async def getter(n: int) -> None:
-        results.append((n, await queue.get()))
-
     async with anyio.create_task_group() as tg:
-        for n in range(3):
-            tg.start_soon(getter, n)
-            await wait_until_waiting(queue, getters=n + 1)
+        await start_getters(tg, queue, range(3), results)
         with anyio.fail_after(5):  # past one slice on the loop, the wait goes to the thread
             while queue.statistics().threads < 1:
                 await anyio.sleep(0.01)
-        for n in range(3, 6):
-            tg.start_soon(getter, n)
-            await wait_until_waiting(queue, getters=n + 1)
+        await start_getters(tg, queue, range(3, 6), results)
         for i in range(6):
             await queue.put(i)
     assert sorted(results) == [(n, n) for n in range(6)]
